@@ -1,0 +1,28 @@
+"""lightning_peft: parameter-efficient fine-tuning for PyTorch Lightning, as callbacks."""
+
+from lightning_peft.callbacks import PEFT
+from lightning_peft.checkpoint import load_from_checkpoint
+from lightning_peft.strategies import (
+    Compose,
+    Freeze,
+    LoRA,
+    PEFTStrategy,
+    disable_adapters,
+    load_trainable_state_dict,
+    trainable_state_dict,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PEFT",
+    "Compose",
+    "Freeze",
+    "LoRA",
+    "PEFTStrategy",
+    "__version__",
+    "disable_adapters",
+    "load_from_checkpoint",
+    "load_trainable_state_dict",
+    "trainable_state_dict",
+]

@@ -1,0 +1,5 @@
+"""Lightning callbacks: the thin glue between strategies and the Trainer."""
+
+from lightning_peft.callbacks.peft import PEFT
+
+__all__ = ["PEFT"]

@@ -1,0 +1,213 @@
+"""The ``PEFT`` callback: apply a strategy to a LightningModule and keep checkpoints adapter-only.
+
+When it acts (see ``shared/DESIGN.md`` for Lightning's hook order):
+
+- ``setup``: if the model already exists (built in ``__init__``), the strategy is applied now;
+- ``configure_model`` (wrapped on the module instance): models built in ``setup()`` or
+  ``configure_model()`` are adapted right after the user's code ran, still before a checkpoint is
+  restored and before the optimizer is built, so the optimizer and DDP see only the adapters;
+- ``on_save_checkpoint`` (wrapped on the module, because Lightning skips callback hooks for
+  weights-only checkpoints): the state dict is cut to the trainable tensors and the strategy's config
+  is stored under ``checkpoint["lightning_peft"]``;
+- ``on_load_checkpoint`` (wrapped likewise): the checkpoint is checked against the model before
+  anything is loaded; missing adapter tensors, wrong shapes or another strategy raise an error
+  naming them. Frozen base weights are never touched by an adapter-only checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lightning_peft.strategies.base import PEFTStrategy, adapter_modules, count_parameters
+from lightning_peft.strategies.compose import as_strategy
+from lightning_peft.strategies.state import clean_name, config_differences, mismatches, trainable_names
+
+CHECKPOINT_KEY = "lightning_peft"
+FORMAT_VERSION = 1
+_APPLIED_ATTR = "_lightning_peft_config"
+_HOOKED_ATTR = "_lightning_peft_hooked"
+
+
+def resolve_module(pl_module: nn.Module, path: str | None) -> nn.Module | None:
+    """The submodule at dotted ``path`` (the module itself for None), or None if it does not exist yet."""
+    if not path:
+        return pl_module
+    module: Any = pl_module
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module if isinstance(module, nn.Module) else None
+
+
+class PEFT(Callback):
+    """Apply a :class:`~lightning_peft.PEFTStrategy` to the LightningModule (or one of its submodules).
+
+    Args:
+        strategy: what to do to the model; a list is applied as one ``Compose``.
+        module: dotted attribute path of the submodule to adapt (``"model"``, ``"backbone.encoder"``);
+            None adapts the whole LightningModule.
+        verbose: print the summary table of trainable parameters.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[PEFT(LoRA(r=16, lora_alpha=32), module="model")])
+        trainer.fit(MyModule())
+    """
+
+    def __init__(
+        self,
+        strategy: PEFTStrategy | Sequence[PEFTStrategy],
+        module: str | None = None,
+        verbose: bool = True,
+    ) -> None:
+        self.strategy = as_strategy(strategy)
+        if module is not None and (not isinstance(module, str) or not all(module.split("."))):
+            raise ValueError(f"module must be a dotted attribute path like 'model' or 'backbone.encoder', got {module!r}")
+        self.module = module
+        self.verbose = verbose
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(module=self.module)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        others = [c for c in trainer.callbacks if isinstance(c, PEFT) and c is not self]
+        if others:
+            raise ValueError(
+                "a Trainer takes one PEFT callback; pass several strategies as a list: PEFT([LoRA(...), Freeze(...)])"
+            )
+        self._install_hooks(pl_module)
+        self.adapt(pl_module, trainer, required=False)
+
+    def adapt(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None, required: bool = True) -> bool:
+        """Apply the strategy to the target module once; later calls (every fit/validate/test) do nothing."""
+        target = resolve_module(pl_module, self.module)
+        if target is None or not any(True for _ in target.parameters()):
+            if required:
+                children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
+                raise ValueError(
+                    f"PEFT(module={self.module!r}) found no model to adapt after setup() and configure_model(); "
+                    f"submodules of {type(pl_module).__name__}: {children}"
+                )
+            return False
+        config = self.strategy.to_config()
+        applied = getattr(target, _APPLIED_ATTR, None)
+        if applied is not None:
+            if applied != config:
+                raise ValueError(
+                    f"{type(target).__name__} was already adapted with another strategy: "
+                    + "; ".join(config_differences(applied, config))
+                )
+            if not self._shapes:  # a new callback on a module adapted before
+                self._shapes = {clean_name(n): tuple(p.shape) for n, p in pl_module.named_parameters()}
+            return False
+        self.strategy.apply(target)
+        object.__setattr__(target, _APPLIED_ATTR, config)
+        # the checkpoint holds only the adapters; the check in on_load_checkpoint replaces strict loading
+        pl_module.strict_loading = False
+        self._shapes = {clean_name(n): tuple(p.shape) for n, p in pl_module.named_parameters()}
+        self._report(pl_module, target, trainer)
+        return True
+
+    def _install_hooks(self, pl_module: pl.LightningModule) -> None:
+        if getattr(pl_module, _HOOKED_ATTR, False):
+            return
+        # partials of module-level functions: picklable (ddp_spawn), and Lightning's is_overridden
+        # sees a configure_model of its own so it calls it even when the user defined none
+        pl_module.configure_model = partial(_configure_model_then_adapt, self, pl_module)
+        pl_module.on_save_checkpoint = partial(_save_adapter_only, self, pl_module)
+        pl_module.on_load_checkpoint = partial(_check_then_load, self, pl_module)
+        object.__setattr__(pl_module, _HOOKED_ATTR, True)
+
+    def checkpoint_metadata(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "module": self.module,
+            "strategy": self.strategy.to_config(),
+            "trainable": {k: list(v.shape) for k, v in state.items()},
+        }
+
+    def prune_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Cut ``checkpoint["state_dict"]`` to the trainable tensors and record the strategy."""
+        state = checkpoint.get("state_dict")
+        if state is None or getattr(resolve_module(pl_module, self.module), _APPLIED_ATTR, None) is None:
+            return
+        keep = set(trainable_names(pl_module))
+        pruned = {k: v for k, v in state.items() if clean_name(k) in keep}
+        checkpoint["state_dict"] = pruned
+        checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata(pl_module, pruned)
+
+    def check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming every way ``checkpoint`` does not fit the adapted model."""
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        problems = []
+        if meta is not None:
+            problems += config_differences(meta.get("strategy"), self.strategy.to_config())
+            if meta.get("module") != self.module:
+                problems.append(f"module: checkpoint {meta.get('module')!r} vs this run {self.module!r}")
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            found = {clean_name(k): tuple(v.shape) for k, v in state.items()}
+        else:  # FSDP loaded the tensors itself and removed them from the dict; use the recorded shapes
+            found = {k: tuple(v) for k, v in (meta or {}).get("trainable", {}).items()}
+        expected = {n: self._shapes.get(n, ()) for n in trainable_names(pl_module)}
+        problems += mismatches(expected, found, known=set(self._shapes) | _buffer_names(pl_module))
+        if problems:
+            raise ValueError("the checkpoint does not fit the adapted model:\n  - " + "\n  - ".join(problems))
+
+    def _report(self, pl_module: pl.LightningModule, target: nn.Module, trainer: pl.Trainer | None) -> None:
+        trainable, total = count_parameters(pl_module)
+        percent = 100.0 * trainable / max(total, 1)
+        if trainer is not None:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(
+                    {"peft/trainable_params": trainable, "peft/total_params": total, "peft/trainable_percent": percent}
+                )
+        if not self.verbose:
+            return
+        rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for _, module in adapter_modules(target):
+            base = getattr(module, "base_layer", None)
+            kind = type(module).__name__ + (f"({type(base).__name__})" if base is not None else "")
+            rows[kind][0] += 1
+            own = set(module.adapter_params())
+            rows[kind][1] += sum(p.numel() for n, p in module.named_parameters() if n in own)
+        name = type(self.strategy).__name__
+        lines = [f"lightning_peft: {name} applied to {self.module or type(pl_module).__name__}"]
+        if rows:
+            width = max(len(k) for k in rows)
+            lines.append(f"  {'adapted layer':<{width}}  {'count':>6}  {'adapter params':>14}")
+            lines += [f"  {k:<{width}}  {c:>6}  {p:>14,}" for k, (c, p) in sorted(rows.items())]
+        lines.append(f"  trainable params: {trainable:,} of {total:,} ({percent:.4f}%)")
+        rank_zero_info("\n".join(lines))
+
+
+def _buffer_names(pl_module: nn.Module) -> set[str]:
+    return {clean_name(n) for n, _ in pl_module.named_buffers()}
+
+
+def _configure_model_then_adapt(callback: PEFT, pl_module: pl.LightningModule) -> None:
+    type(pl_module).configure_model(pl_module)
+    callback.adapt(pl_module, pl_module._trainer, required=True)
+
+
+def _save_adapter_only(callback: PEFT, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    type(pl_module).on_save_checkpoint(pl_module, checkpoint)
+    callback.prune_checkpoint(pl_module, checkpoint)
+
+
+def _check_then_load(callback: PEFT, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    callback.adapt(pl_module, pl_module._trainer, required=True)
+    callback.check_checkpoint(pl_module, checkpoint)
+    type(pl_module).on_load_checkpoint(pl_module, checkpoint)

@@ -1,0 +1,24 @@
+"""PEFT methods as pure-PyTorch strategies; nothing here imports Lightning."""
+
+from lightning_peft.strategies.base import AdapterModule, PEFTStrategy, disable_adapters, strategy_from_config
+from lightning_peft.strategies.compose import Compose
+from lightning_peft.strategies.freeze import Freeze
+from lightning_peft.strategies.lora import LoRA, LoRAConv2d, LoRAEmbedding, LoRALinear
+from lightning_peft.strategies.modules_to_save import ModuleToSave
+from lightning_peft.strategies.state import load_trainable_state_dict, trainable_state_dict
+
+__all__ = [
+    "AdapterModule",
+    "Compose",
+    "Freeze",
+    "LoRA",
+    "LoRAConv2d",
+    "LoRAEmbedding",
+    "LoRALinear",
+    "ModuleToSave",
+    "PEFTStrategy",
+    "disable_adapters",
+    "load_trainable_state_dict",
+    "strategy_from_config",
+    "trainable_state_dict",
+]

@@ -1,0 +1,186 @@
+"""What every PEFT method shares: the `PEFTStrategy` contract and the `AdapterModule` protocol.
+
+A strategy is a plain configuration object. ``strategy.apply(model)`` changes ``model`` in place:
+
+1. ``inject``: put the method's adapter modules into the model (LoRA layers, ...);
+2. freeze every parameter except the adapters' own and the ones the strategy names
+   (``modules_to_save``, biases, the blocks a ``Freeze`` opens up).
+
+Adapter layers are found through the :class:`AdapterModule` protocol (``adapter_params()``), never by
+matching parameter names, so a strategy knows exactly which tensors it owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class AdapterModule(Protocol):
+    """A module that carries adapter tensors next to (or around) frozen base weights."""
+
+    def adapter_params(self) -> list[str]:
+        """Local names of the parameters that belong to the adapter (not to the base layer)."""
+        ...
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        """Turn the adapter's contribution on or off (off gives the base layer's output exactly)."""
+        ...
+
+
+@runtime_checkable
+class MergeableAdapter(AdapterModule, Protocol):
+    merged: bool
+
+    def merge(self) -> None: ...
+
+    def unmerge(self) -> None: ...
+
+
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    """Every adapter module inside ``model``, with its qualified name."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterModule):
+            yield name, module
+
+
+def adapter_parameter_names(model: nn.Module) -> list[str]:
+    """Qualified names of all adapter parameters in ``model`` (read from the adapters, not guessed)."""
+    names = []
+    for prefix, module in adapter_modules(model):
+        names.extend(f"{prefix}.{local}" if prefix else local for local in module.adapter_params())
+    return names
+
+
+def freeze_all_but(model: nn.Module, trainable: set[str]) -> None:
+    """Set ``requires_grad`` to True exactly for the parameters named in ``trainable``."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base model: every adapter contributes nothing inside the block.
+
+    Merged adapters are unmerged for the duration and merged back afterwards, so the outputs inside
+    are exactly those of the unadapted model.
+
+    Example::
+
+        with disable_adapters(model):
+            reference = model(x)
+    """
+    modules = [m for _, m in adapter_modules(model)]
+    remerge = [m for m in modules if getattr(m, "merged", False)]
+    for module in remerge:
+        module.unmerge()
+    for module in modules:
+        module.set_adapter_enabled(False)
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.set_adapter_enabled(True)
+        for module in remerge:
+            module.merge()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+class PEFTStrategy:
+    """Base class of every method: what to inject into a model and what to leave trainable.
+
+    Subclasses are dataclasses whose fields are the whole configuration; they override
+    :meth:`inject` and, if they open up base parameters, :meth:`extra_trainable`.
+
+    Example::
+
+        model = LoRA(r=8, target_modules=["q_proj", "v_proj"]).apply(model)
+    """
+
+    def inject(self, model: nn.Module) -> None:
+        """Add this method's adapter modules to ``model`` in place."""
+
+    def extra_trainable(self, model: nn.Module) -> set[str]:
+        """Names of base parameters (not adapter parameters) that this method trains."""
+        return set()
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Adapt ``model`` in place: inject adapters, then freeze all but what the method trains."""
+        self.inject(model)
+        freeze_all_but(model, set(adapter_parameter_names(model)) | self.extra_trainable(model))
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold every mergeable adapter into its base weights (outputs unchanged)."""
+        for _, module in adapter_modules(model):
+            if isinstance(module, MergeableAdapter) and not module.merged:
+                module.merge()
+        return model
+
+    def unmerge(self, model: nn.Module) -> nn.Module:
+        """Undo :meth:`merge`."""
+        for _, module in adapter_modules(model):
+            if isinstance(module, MergeableAdapter) and module.merged:
+                module.unmerge()
+        return model
+
+    def to_config(self) -> dict[str, Any]:
+        """The strategy as plain JSON-able data: ``{"class": ..., "config": {...}}``."""
+        if not dataclasses.is_dataclass(self):
+            raise TypeError(f"{type(self).__name__} must be a dataclass to describe its config")
+        fields = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "config": fields}
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> PEFTStrategy:
+        """Build the strategy from the ``"config"`` part of :meth:`to_config`."""
+        return cls(**config)
+
+
+def strategy_from_config(data: dict[str, Any]) -> PEFTStrategy:
+    """Rebuild a strategy from :meth:`PEFTStrategy.to_config` output."""
+    path = data.get("class", "")
+    module_name, _, class_name = path.rpartition(".")
+    if not module_name.startswith("lightning_peft."):
+        raise ValueError(f"refusing to build strategy class {path!r}: only lightning_peft classes are allowed")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, PEFTStrategy)):
+        raise ValueError(f"{path!r} is not a PEFTStrategy")
+    return cls.from_config_dict(data.get("config", {}))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        n = _numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def _numel(param: torch.Tensor) -> int:
+    # bitsandbytes packs 4-bit weights two per byte; report the logical size when it is known
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and hasattr(quant_state, "shape"):
+        return int(torch.Size(quant_state.shape).numel())
+    return param.numel()

@@ -1,0 +1,387 @@
+"""LoRA (Hu et al., 2021), rsLoRA (Kalajdzievski, 2023) and DoRA (Liu et al., 2024).
+
+A frozen weight ``W`` gets a trainable low-rank update::
+
+    x ──► W ─────────────────────────► (+) ──► y          y = W x + b + s · B A dropout(x)
+    └───► dropout ─► A (r × in) ─► B (out × r) ─► · s ─┘
+
+    s = lora_alpha / r          (LoRA)
+    s = lora_alpha / sqrt(r)    (rsLoRA: keeps the update's scale stable as r grows)
+
+``B`` starts at zero, so an adapted model starts exactly where its base model is. DoRA splits the
+weight into a magnitude ``m`` (one number per output) and a direction, and LoRA updates the
+direction::
+
+    y = m / ||W + s B A||  ·  (W x + s B A dropout(x))  +  b
+
+with the norm taken per output row and treated as a constant in the backward pass (DoRA, sec. 4.3).
+Parameter names follow peft (``lora_A``, ``lora_B``, ``lora_embedding_A``, ``lora_magnitude_vector``)
+so that exports map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_peft.strategies.base import PEFTStrategy
+from lightning_peft.strategies.modules_to_save import frozen_copy_prefixes, wrap_modules_to_save
+from lightning_peft.strategies.targeting import (
+    TargetSpec,
+    check_spec,
+    find_targets,
+    is_conv1d,
+    linear_types,
+    replace_module,
+    validation_error,
+)
+
+InitLoRA = bool | Literal["gaussian"]
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # quantized bases store integers; their adapters train in float32
+    return weight.dtype if weight.is_floating_point() else torch.float32
+
+
+def _init_pair(a: torch.Tensor, b: torch.Tensor, init: InitLoRA, r: int, a_is_zero: bool = False) -> None:
+    """Initialise (A, B) so that B A = 0 unless ``init`` is False (then both random, for tests)."""
+    with torch.no_grad():
+        first, second = (b, a) if a_is_zero else (a, b)
+        if init == "gaussian":
+            nn.init.normal_(first, std=1 / r)
+        elif a_is_zero:
+            nn.init.normal_(first)
+        else:
+            nn.init.kaiming_uniform_(first, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(second, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(second)
+
+
+class _LoRABase(nn.Module):
+    """State and merge logic shared by the LoRA layers; each layer defines ``delta_weight`` and ``forward``."""
+
+    base_layer: nn.Module
+    scaling: float
+
+    def _setup(self, base_layer: nn.Module, r: int, lora_alpha: float, use_rslora: bool) -> None:
+        self.base_layer = base_layer
+        self.r = r
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.merged = False
+        self.enabled = True
+
+    def adapter_params(self) -> list[str]:
+        return [name for name, _ in self.named_parameters(recurse=False)]
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``(out, in, ...)``, whatever the layer's own storage order."""
+        weight = self.base_layer.weight
+        return weight.T if getattr(self, "fan_in_fan_out", False) else weight
+
+    def delta_weight(self) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must define delta_weight")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight; the layer's outputs do not change."""
+        if self.merged:
+            return
+        weight = self.base_weight()
+        if not weight.is_floating_point():
+            raise TypeError(f"cannot merge into a {weight.dtype} base weight; dequantize it first")
+        delta = self.delta_weight().to(weight.dtype)
+        if hasattr(self, "lora_magnitude_vector"):
+            norm = (weight + delta).flatten(1).norm(dim=1)
+            self._merge_norm = norm
+            gain = (self.lora_magnitude_vector / norm).to(weight.dtype)
+            new = (weight + delta) * gain.view(-1, *[1] * (weight.dim() - 1))
+        else:
+            new = weight + delta
+        if not torch.isfinite(new).all():
+            raise ValueError(f"merging {type(self).__name__} gives non-finite weights; the adapter is left unmerged")
+        weight.copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight saved before :meth:`merge` (up to float rounding)."""
+        if not self.merged:
+            return
+        weight = self.base_weight()
+        delta = self.delta_weight().to(weight.dtype)
+        if hasattr(self, "lora_magnitude_vector"):
+            gain = (self.lora_magnitude_vector / self._merge_norm).to(weight.dtype)
+            weight.copy_(weight / gain.view(-1, *[1] * (weight.dim() - 1)) - delta)
+        else:
+            weight.sub_(delta)
+        self.merged = False
+
+    def _dora_gain(self) -> torch.Tensor:
+        """m / ||W + s B A|| per output; the norm is a constant for autograd (DoRA sec. 4.3)."""
+        with torch.no_grad():
+            norm = (self.base_weight() + self.delta_weight()).flatten(1).norm(dim=1)
+        return self.lora_magnitude_vector / norm
+
+
+class LoRALinear(_LoRABase):
+    """LoRA (and DoRA) around an ``nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out``)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: InitLoRA = True,
+    ) -> None:
+        super().__init__()
+        self._setup(base_layer, r, lora_alpha, use_rslora)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        weight = base_layer.weight
+        out_features, in_features = self.base_weight().shape
+        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **kwargs))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **kwargs))
+        _init_pair(self.lora_A, self.lora_B, init_lora_weights, r)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        if use_dora:
+            with torch.no_grad():
+                norm = self.base_weight().float().norm(dim=1).to(kwargs["dtype"])
+            self.lora_magnitude_vector = nn.Parameter(norm)
+            self.forward = self._forward_dora  # decided once, not per call
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lora_dropout(x.to(self.lora_A.dtype))
+        return F.linear(F.linear(x, self.lora_A), self.lora_B * self.scaling)  # (..., out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (..., out)
+        if self.merged or not self.enabled:
+            return result
+        return result + self._lora(x).to(result.dtype)
+
+    def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.enabled:
+            return self.base_layer(x)
+        base = F.linear(x, self.base_weight())  # (..., out), bias added last
+        result = self._dora_gain().to(base.dtype) * (base + self._lora(x).to(base.dtype))
+        bias = self.base_layer.bias
+        return result if bias is None else result + bias
+
+
+class LoRAEmbedding(_LoRABase):
+    """LoRA on an ``nn.Embedding``: ``E[ids] + s · (A^T[ids]) B^T``. No dropout on token ids (as peft)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Embedding,
+        r: int,
+        lora_alpha: float,
+        use_rslora: bool = False,
+        init_lora_weights: InitLoRA = True,
+    ) -> None:
+        super().__init__()
+        self._setup(base_layer, r, lora_alpha, use_rslora)
+        num_embeddings, embedding_dim = base_layer.weight.shape
+        kwargs = {"device": base_layer.weight.device, "dtype": _adapter_dtype(base_layer.weight)}
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num_embeddings, **kwargs))
+        self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, **kwargs))
+        _init_pair(self.lora_embedding_A, self.lora_embedding_B, init_lora_weights, r, a_is_zero=True)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling  # (num_embeddings, dim)
+
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(ids)  # (..., dim)
+        if self.merged or not self.enabled:
+            return result
+        after_a = F.embedding(ids, self.lora_embedding_A.T, padding_idx=self.base_layer.padding_idx)  # (..., r)
+        return result + (after_a @ (self.lora_embedding_B * self.scaling).T).to(result.dtype)
+
+
+class LoRAConv2d(_LoRABase):
+    """LoRA on an ``nn.Conv2d``: ``A`` is a conv with the base kernel and ``r`` outputs, ``B`` a 1x1 conv."""
+
+    def __init__(
+        self,
+        base_layer: nn.Conv2d,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: InitLoRA = True,
+    ) -> None:
+        super().__init__()
+        self._setup(base_layer, r, lora_alpha, use_rslora)
+        weight = base_layer.weight  # (out, in, kh, kw)
+        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_A = nn.Parameter(torch.empty(r, *weight.shape[1:], **kwargs))
+        self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r, 1, 1, **kwargs))
+        _init_pair(self.lora_A, self.lora_B, init_lora_weights, r)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        if use_dora:
+            with torch.no_grad():
+                norm = weight.float().flatten(1).norm(dim=1).to(kwargs["dtype"])
+            self.lora_magnitude_vector = nn.Parameter(norm)
+            self.forward = self._forward_dora
+
+    def delta_weight(self) -> torch.Tensor:
+        product = self.lora_B.flatten(1) @ self.lora_A.flatten(1)  # (out, in * kh * kw)
+        return product.view(self.base_layer.weight.shape) * self.scaling
+
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.base_layer
+        hidden = F.conv2d(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A, None, conv.stride, conv.padding, conv.dilation)
+        return F.conv2d(hidden, self.lora_B * self.scaling)  # (N, out, H', W')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged or not self.enabled:
+            return result
+        return result + self._lora(x).to(result.dtype)
+
+    def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.base_layer
+        if self.merged or not self.enabled:
+            return conv(x)
+        base = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
+        gain = self._dora_gain().to(base.dtype).view(1, -1, 1, 1)
+        result = gain * (base + self._lora(x).to(base.dtype))
+        return result if conv.bias is None else result + conv.bias.view(1, -1, 1, 1)
+
+
+LORA_LAYERS = (LoRALinear, LoRAEmbedding, LoRAConv2d)
+
+
+@dataclass
+class LoRA(PEFTStrategy):
+    """Low-rank adapters on linear, Conv1D, embedding and 2-D convolution layers.
+
+    Args:
+        r: rank of the update (LoRA sec. 4.1).
+        lora_alpha: the update is scaled by ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout on the adapter's input only (the base path is untouched).
+        target_modules: a full-match regex, a list of names or suffixes, or ``"all-linear"`` (default).
+        exclude_modules: same forms; never adapted.
+        layers_to_transform: only blocks with these indices (``layers.<i>.``).
+        layers_pattern: the name of the block list when it is not ``layers``/``layer``/``h``/``blocks``.
+        modules_to_save: modules trained whole (e.g. a new classifier head).
+        bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted layers).
+        use_rslora: rank-stabilised scaling.
+        use_dora: weight-decomposed LoRA (linear and conv layers).
+        init_lora_weights: ``True`` (B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), or ``False``
+            (both random: not an identity, for tests).
+
+    Example::
+
+        model = LoRA(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]).apply(model)
+    """
+
+    r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: str | list[str] | None = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | Literal["gaussian"] = True
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save", "layers_to_transform"):
+            value = getattr(self, name)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                setattr(self, name, list(value))  # Hydra's ListConfig -> list
+        problems: list[str] = []
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            problems.append(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.lora_alpha, int | float) or self.lora_alpha <= 0:
+            problems.append(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, int | float) or not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.target_modules is None:
+            problems.append("target_modules is required: a regex, a list of names, or 'all-linear'")
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            check_spec(name, getattr(self, name), problems)
+        if self.bias not in ("none", "all", "lora_only"):
+            problems.append(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            problems.append(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            isinstance(layers, int) or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
+        ):
+            problems.append(f"layers_to_transform must be an int or a list of ints, got {layers!r}")
+        validation_error(type(self).__name__, problems)
+
+    def inject(self, model: nn.Module) -> None:
+        saved = wrap_modules_to_save(model, self.modules_to_save, "LoRA")
+        targets = find_targets(
+            model,
+            owner="LoRA",
+            target_modules=self.target_modules,
+            supported=(*linear_types(), nn.Embedding, nn.Conv2d),
+            exclude_modules=self.exclude_modules,
+            layers_to_transform=self.layers_to_transform,
+            layers_pattern=self.layers_pattern,
+            skip={n for s in saved for n in (s, s + ".trained", s + ".original")},
+        )
+        problems = []
+        for name, module in targets:
+            if any(name == s or name.startswith(s + ".") for s in saved):
+                problems.append(f"{name!r} is inside modules_to_save; it is trained whole already")
+            elif self.use_dora and isinstance(module, nn.Embedding):
+                problems.append(f"{name!r} is an Embedding; use_dora supports Linear, Conv1D and Conv2d")
+            elif isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+                problems.append(f"{name!r}: LoRA supports Conv2d with groups=1 and padding_mode='zeros'")
+        validation_error("LoRA", problems)
+        common = {"r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora}
+        common["init_lora_weights"] = self.init_lora_weights
+        for name, module in targets:
+            if isinstance(module, nn.Embedding):
+                new: nn.Module = LoRAEmbedding(module, **common)
+            elif isinstance(module, nn.Conv2d):
+                new = LoRAConv2d(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
+            else:
+                new = LoRALinear(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
+            replace_module(model, name, new)
+
+    def extra_trainable(self, model: nn.Module) -> set[str]:
+        if self.bias == "lora_only":
+            return {
+                f"{name}.base_layer.bias"
+                for name, module in model.named_modules()
+                if isinstance(module, LORA_LAYERS) and isinstance(getattr(module.base_layer, "bias", None), nn.Parameter)
+            }
+        if self.bias == "all":
+            frozen_copies = frozen_copy_prefixes(model)
+            return {
+                name
+                for name, _ in model.named_parameters()
+                if name.rsplit(".", 1)[-1] == "bias" and not any(name.startswith(c) for c in frozen_copies)
+            }
+        return set()

@@ -1,0 +1,107 @@
+"""Which tensors an adapted model must save, and checking that a saved state fits a model.
+
+An adapted model's checkpoint holds its *trainable* tensors: every parameter with ``requires_grad``
+and every adapter parameter (a temporarily frozen adapter still belongs to the adapter). Names are
+those of ``model.state_dict()``; wrapper prefixes that FSDP, activation checkpointing or
+``torch.compile`` add are removed, so the same names come out however the model is wrapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_peft.strategies.base import adapter_parameter_names
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """``encoder._fsdp_wrapped_module.layer.0.weight`` -> ``encoder.layer.0.weight``."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """State-dict names of the tensors an adapter-only checkpoint of ``model`` holds, in model order."""
+    adapters = {clean_name(n) for n in adapter_parameter_names(model)}
+    names = []
+    for name, param in model.named_parameters():
+        name = clean_name(name)
+        if param.requires_grad or name in adapters:
+            names.append(name)
+    return names
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter-only state of ``model``: its trainable tensors, detached, keyed as in ``state_dict()``.
+
+    Example::
+
+        torch.save(trainable_state_dict(model), "adapter.pt")
+    """
+    wanted = set(trainable_names(model))
+    return {clean_name(k): v.detach() for k, v in model.state_dict().items() if clean_name(k) in wanted}
+
+
+def mismatches(
+    expected: Mapping[str, Sequence[int]],
+    found: Mapping[str, Sequence[int]],
+    known: set[str] | None = None,
+) -> list[str]:
+    """Problems between the shapes a model expects and the shapes a checkpoint holds.
+
+    ``expected`` are the model's trainable tensors (all must be present), ``found`` the checkpoint's,
+    ``known`` every name the model has (a checkpoint may hold frozen tensors too, but no stranger).
+    """
+    problems = []
+    missing = [k for k in expected if k not in found]
+    if missing:
+        problems.append(f"missing trainable tensors ({len(missing)}): {_first(missing)}")
+    wrong = [
+        f"{k}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    ]
+    if wrong:
+        problems.append(f"shape mismatches ({len(wrong)}): {_first(wrong)}")
+    if known is not None:
+        unexpected = [k for k in found if k not in known]
+        if unexpected:
+            problems.append(f"tensors the model does not have ({len(unexpected)}): {_first(unexpected)}")
+    return problems
+
+
+def _first(items: list[str], limit: int = 8) -> str:
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def config_differences(saved: Any, current: Any, path: str = "") -> list[str]:
+    """Field-by-field differences between two strategy configs (``to_config()`` output)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current)):
+            out += config_differences(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if saved != current:
+        return [f"{path}: checkpoint {saved!r} vs this run {current!r}"]
+    return []
+
+
+def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state") -> None:
+    """Copy an adapter-only ``state`` into ``model`` after checking that it fits.
+
+    Raises ``ValueError`` naming every missing, misshapen or unknown tensor; nothing is copied then.
+    Frozen tensors present in ``state`` are loaded too; frozen tensors absent from it are left as they are.
+    """
+    params = dict(model.state_dict())
+    expected = {n: tuple(params[n].shape) for n in trainable_names(model) if n in params}
+    problems = mismatches(expected, {k: tuple(v.shape) for k, v in state.items()}, known=set(params))
+    if problems:
+        raise ValueError(f"{source} does not fit this model:\n  - " + "\n  - ".join(problems))
+    model.load_state_dict(dict(state), strict=False)

@@ -1,0 +1,180 @@
+"""Finding the modules a strategy acts on.
+
+The rules are peft's, so configs carry over:
+
+- a string is a regular expression that must match the *whole* qualified module name;
+- a list matches a name exactly or as a dotted suffix (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``);
+- ``"all-linear"`` takes every linear layer except the output head (the ``get_output_embeddings()``
+  of any Hugging Face model inside, and the modules trained whole through ``modules_to_save``);
+- ``exclude_modules`` follows the same rules and wins over the targets;
+- ``layers_to_transform`` keeps only modules inside the numbered blocks given (the number after
+  ``layers_pattern`` in the name: ``layers.3.``, ``h.3.``, ``layer.3.``, ``blocks.3.``).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+from torch import nn
+
+from lightning_peft.strategies.base import AdapterModule
+
+TargetSpec = str | Sequence[str] | None
+
+ALL_LINEAR = "all-linear"
+DEFAULT_LAYERS_PATTERNS = ("layers", "layer", "h", "blocks", "block")
+
+
+def validation_error(owner: str, problems: list[str]) -> None:
+    """Raise one ``ValueError`` that lists every problem found, or nothing if there is none."""
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ValueError(f"{owner} is misconfigured:\n{lines}")
+
+
+def check_spec(name: str, spec: TargetSpec, problems: list[str]) -> None:
+    """Append a problem if ``spec`` is not a valid target description (bad type or bad regex)."""
+    if spec is None:
+        return
+    if isinstance(spec, str):
+        if spec == ALL_LINEAR:
+            return
+        try:
+            re.compile(spec)
+        except re.error as err:
+            problems.append(f"{name}={spec!r} is not a valid regular expression ({err})")
+        return
+    if not isinstance(spec, Sequence) or not all(isinstance(s, str) for s in spec):
+        problems.append(f"{name} must be a regex string, a list of module names, or None; got {spec!r}")
+
+
+def matches(name: str, spec: TargetSpec) -> bool:
+    """Whether the qualified module ``name`` is selected by ``spec`` (see the module docstring)."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == target or name.endswith("." + target) for target in spec)
+
+
+def layer_index(name: str, layers_pattern: TargetSpec = None) -> int | None:
+    """The block number in a module name (``model.layers.3.mlp`` -> 3), or None outside numbered blocks."""
+    if isinstance(layers_pattern, str):
+        patterns: Sequence[str] = [layers_pattern]
+    else:
+        patterns = layers_pattern or DEFAULT_LAYERS_PATTERNS
+    for pattern in patterns:
+        found = re.match(rf"(?:.*\.)?{pattern}\.(\d+)(?:\.|$)", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def linear_types() -> tuple[type[nn.Module], ...]:
+    """``nn.Linear`` and, once transformers is imported, its GPT-2 style ``Conv1D``."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None)
+    return (nn.Linear, conv1d) if conv1d is not None else (nn.Linear,)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def output_heads(model: nn.Module) -> set[int]:
+    """ids of the output-embedding modules of every Hugging Face model inside ``model``."""
+    heads = set()
+    for module in model.modules():
+        get_output = getattr(module, "get_output_embeddings", None)
+        if callable(get_output):
+            try:
+                head = get_output()
+            except (AttributeError, NotImplementedError):
+                head = None
+            if isinstance(head, nn.Module):
+                heads.add(id(head))
+    return heads
+
+
+def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named submodules that a strategy may target: not the root, nothing inside an existing adapter."""
+    inside_adapter: list[str] = []
+    found = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in inside_adapter):
+            continue
+        if isinstance(module, AdapterModule):
+            inside_adapter.append(name)
+        found.append((name, module))
+    return found
+
+
+def describe_modules(modules: list[tuple[str, nn.Module]], limit: int = 40) -> str:
+    """A compact listing of leaf names and types: ``q_proj (Linear) x12, ...``, for error messages."""
+    counts = Counter((name.rsplit(".", 1)[-1], type(module).__name__) for name, module in modules)
+    items = [f"{leaf} ({kind})" + (f" x{n}" if n > 1 else "") for (leaf, kind), n in counts.items()]
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def find_targets(
+    model: nn.Module,
+    *,
+    owner: str,
+    target_modules: TargetSpec,
+    supported: tuple[type[nn.Module], ...],
+    exclude_modules: TargetSpec = None,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: TargetSpec = None,
+    skip: set[str] | None = None,
+) -> list[tuple[str, nn.Module]]:
+    """The modules of ``model`` selected by a strategy's targeting arguments.
+
+    Raises ``ValueError`` naming the modules that exist when nothing matches, when a match has a
+    type the method cannot adapt, or when a match already carries an adapter.
+    """
+    skip = skip or set()
+    candidates = candidate_modules(model)
+    if target_modules == ALL_LINEAR:
+        heads = output_heads(model)
+        kinds = linear_types()
+        selected = [
+            (n, m) for n, m in candidates if isinstance(m, kinds) and id(m) not in heads and n not in skip
+        ]
+    else:
+        selected = [(n, m) for n, m in candidates if matches(n, target_modules)]
+    before_filters = len(selected)
+    selected = [(n, m) for n, m in selected if not matches(n, exclude_modules)]
+    if layers_to_transform is not None:
+        wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+        selected = [(n, m) for n, m in selected if layer_index(n, layers_pattern) in wanted]
+
+    if not selected:
+        why = ""
+        if before_filters:
+            why = f" after exclude_modules={exclude_modules!r} and layers_to_transform={layers_to_transform!r}"
+        raise ValueError(
+            f"{owner}: target_modules={target_modules!r} matched no module{why}. "
+            f"Modules in this model: {describe_modules(candidates)}"
+        )
+    problems = []
+    for name, module in selected:
+        if isinstance(module, AdapterModule):
+            problems.append(f"{name!r} already carries an adapter ({type(module).__name__}); apply a strategy once")
+        elif not isinstance(module, supported):
+            names = ", ".join(t.__name__ for t in supported)
+            problems.append(f"{name!r} is a {type(module).__name__}; {owner} supports {names}")
+    validation_error(owner, problems)
+    return selected
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` was."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
