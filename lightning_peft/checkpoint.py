@@ -52,7 +52,7 @@ def load_from_checkpoint(
     """Rebuild ``module_cls`` from an adapter-only checkpoint written with the ``PEFT`` callback.
 
     The module is constructed from the checkpoint's hyperparameters (overridden by ``kwargs``), its
-    ``configure_model`` runs if it has one, the saved strategy is applied, and the adapters are loaded.
+    ``configure_model`` runs if it has one (``setup("predict")`` too when the model is built there), the saved strategy is applied, and the adapters are loaded.
     Base weights come from the module's own construction (e.g. ``from_pretrained``), never from the file.
     Returned in eval mode.
 
@@ -75,6 +75,9 @@ def load_from_checkpoint(
     if is_overridden("configure_model", module):
         module.configure_model()
     target = resolve_module(module, meta.get("module"))
+    if target is None and is_overridden("setup", module):
+        module.setup("predict")  # models built in setup() exist only after it ran
+        target = resolve_module(module, meta.get("module"))
     if target is None:
         raise ValueError(f"{module_cls.__name__} has no submodule {meta.get('module')!r} to load the adapters into")
     strategy = strategy_from_config(meta["strategy"])
