@@ -79,7 +79,9 @@ def load_from_checkpoint(
         module.setup("predict")  # models built in setup() exist only after it ran
         target = resolve_module(module, meta.get("module"))
     if target is None:
-        raise ValueError(f"{module_cls.__name__} has no submodule {meta.get('module')!r} to load the adapters into")
+        raise ValueError(
+            f"{module_cls.__name__} has no submodule {meta.get('module')!r} to load the adapters into"
+        )
     strategy = strategy_from_config(meta["strategy"])
     strategy.apply(target)
     object.__setattr__(target, _APPLIED_ATTR, strategy.to_config())
