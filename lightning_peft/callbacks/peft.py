@@ -70,7 +70,9 @@ class PEFT(Callback):
     ) -> None:
         self.strategy = as_strategy(strategy)
         if module is not None and (not isinstance(module, str) or not all(module.split("."))):
-            raise ValueError(f"module must be a dotted attribute path like 'model' or 'backbone.encoder', got {module!r}")
+            raise ValueError(
+                f"module must be a dotted attribute path like 'model' or 'backbone.encoder', got {module!r}"
+            )
         self.module = module
         self.verbose = verbose
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -90,7 +92,9 @@ class PEFT(Callback):
         self._install_hooks(pl_module)
         self.adapt(pl_module, trainer, required=False)
 
-    def adapt(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None, required: bool = True) -> bool:
+    def adapt(
+        self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None, required: bool = True
+    ) -> bool:
         """Apply the strategy to the target module once; later calls (every fit/validate/test) do nothing."""
         target = resolve_module(pl_module, self.module)
         if target is None or not any(True for _ in target.parameters()):
@@ -172,7 +176,11 @@ class PEFT(Callback):
         if trainer is not None:
             for logger in trainer.loggers:
                 logger.log_hyperparams(
-                    {"peft/trainable_params": trainable, "peft/total_params": total, "peft/trainable_percent": percent}
+                    {
+                        "peft/trainable_params": trainable,
+                        "peft/total_params": total,
+                        "peft/trainable_percent": percent,
+                    }
                 )
         if not self.verbose:
             return

@@ -69,8 +69,10 @@ def freeze_all_but(model: nn.Module, trainable: set[str]) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` as its base model: every adapter contributes nothing inside the block.
 
-    Merged adapters are unmerged for the duration and merged back afterwards, so the outputs inside
-    are exactly those of the unadapted model.
+    The outputs inside are exactly those of the unadapted model. Merged adapters are unmerged for the
+    duration and merged back afterwards; subtracting the update again restores the base weights only
+    up to float rounding (about 1e-7 relative in float32), so for them the outputs match closely,
+    not bit for bit.
 
     Example::
 
@@ -90,6 +92,25 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             module.set_adapter_enabled(True)
         for module in remerge:
             module.merge()
+
+
+def _shared_base_weights(model: nn.Module) -> list[str]:
+    """One line per unmerged adapter whose base weight another module uses too (tied embeddings)."""
+    users: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(param), []).append(name)
+    problems = []
+    for prefix, module in adapter_modules(model):
+        if not isinstance(module, MergeableAdapter) or module.merged:
+            continue
+        weight = getattr(getattr(module, "base_layer", None), "weight", None)
+        others = [n for n in users.get(id(weight), []) if prefix and not n.startswith(prefix + ".")]
+        if others:
+            problems.append(
+                f"{prefix!r} shares its base weight with {', '.join(others)} (tied weights); "
+                f"untie them first, e.g. give the other module its own copy of the weight"
+            )
+    return problems
 
 
 def _jsonable(value: Any) -> Any:
@@ -125,7 +146,15 @@ class PEFTStrategy:
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
-        """Fold every mergeable adapter into its base weights (outputs unchanged)."""
+        """Fold every mergeable adapter into its base weights (outputs unchanged).
+
+        Raises ``ValueError`` before changing anything if a base weight is shared with another module
+        (tied input and output embeddings): merging would change that module's outputs too.
+        """
+        shared = _shared_base_weights(model)
+        if shared:
+            lines = "\n".join(f"  - {p}" for p in shared)
+            raise ValueError(f"cannot merge: merging would change other modules too:\n{lines}")
         for _, module in adapter_modules(model):
             if isinstance(module, MergeableAdapter) and not module.merged:
                 module.merge()
@@ -156,7 +185,9 @@ def strategy_from_config(data: dict[str, Any]) -> PEFTStrategy:
     path = data.get("class", "")
     module_name, _, class_name = path.rpartition(".")
     if not module_name.startswith("lightning_peft."):
-        raise ValueError(f"refusing to build strategy class {path!r}: only lightning_peft classes are allowed")
+        raise ValueError(
+            f"refusing to build strategy class {path!r}: only lightning_peft classes are allowed"
+        )
     cls = getattr(importlib.import_module(module_name), class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, PEFTStrategy)):
         raise ValueError(f"{path!r} is not a PEFTStrategy")

@@ -26,7 +26,9 @@ class Compose(PEFTStrategy):
         self.strategies = list(self.strategies)
         wrong = [s for s in self.strategies if not isinstance(s, PEFTStrategy)]
         if not self.strategies or wrong:
-            raise ValueError(f"Compose needs a non-empty list of PEFTStrategy objects, got {self.strategies!r}")
+            raise ValueError(
+                f"Compose needs a non-empty list of PEFTStrategy objects, got {self.strategies!r}"
+            )
 
     def inject(self, model: nn.Module) -> None:
         for strategy in self.strategies:
@@ -36,7 +38,10 @@ class Compose(PEFTStrategy):
         return set().union(*(s.extra_trainable(model) for s in self.strategies))
 
     def to_config(self) -> dict[str, Any]:
-        return {"class": f"{__name__}.Compose", "config": {"strategies": [s.to_config() for s in self.strategies]}}
+        return {
+            "class": f"{__name__}.Compose",
+            "config": {"strategies": [s.to_config() for s in self.strategies]},
+        }
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any]) -> Compose:

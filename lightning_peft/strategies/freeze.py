@@ -16,7 +16,6 @@ from lightning_peft.strategies.base import PEFTStrategy
 from lightning_peft.strategies.modules_to_save import frozen_copy_prefixes
 from lightning_peft.strategies.targeting import (
     DEFAULT_LAYERS_PATTERNS,
-    TargetSpec,
     candidate_modules,
     check_spec,
     describe_modules,
@@ -33,9 +32,13 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.Mo
         for name, module in lists:
             if name == blocks or name.endswith("." + blocks):
                 return name, module
-        raise ValueError(f"blocks={blocks!r} is not a ModuleList here; ModuleLists: {[n for n, _ in lists] or 'none'}")
+        raise ValueError(
+            f"blocks={blocks!r} is not a ModuleList here; ModuleLists: {[n for n, _ in lists] or 'none'}"
+        )
     if not lists:
-        raise ValueError("found no nn.ModuleList of blocks in this model; name the modules with trainable_modules")
+        raise ValueError(
+            "found no nn.ModuleList of blocks in this model; name the modules with trainable_modules"
+        )
 
     def size(item: tuple[str, nn.ModuleList]) -> tuple[bool, int]:
         name, module = item
@@ -86,11 +89,14 @@ class Freeze(PEFTStrategy):
             prefixes.extend(chosen)
         if self.last_n_blocks:
             name, blocks = find_blocks(model, self.blocks)
-            first = max(len(blocks) - self.last_n_blocks, 0)
+            if self.last_n_blocks > len(blocks):
+                raise ValueError(f"Freeze: last_n_blocks={self.last_n_blocks} but {name!r} has {len(blocks)} blocks")
+            first = len(blocks) - self.last_n_blocks
             prefixes.extend(f"{name}.{i}" for i in range(first, len(blocks)))
         frozen_copies = frozen_copy_prefixes(model)
         return {
             name
             for name, _ in model.named_parameters()
-            if any(name.startswith(p + ".") for p in prefixes) and not any(name.startswith(c) for c in frozen_copies)
+            if any(name.startswith(p + ".") for p in prefixes)
+            and not any(name.startswith(c) for c in frozen_copies)
         }

@@ -31,9 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.strategies.base import PEFTStrategy
-from lightning_peft.strategies.modules_to_save import frozen_copy_prefixes, wrap_modules_to_save
+from lightning_peft.strategies.modules_to_save import (
+    frozen_copy_prefixes,
+    select_modules_to_save,
+    wrap_modules_to_save,
+)
 from lightning_peft.strategies.targeting import (
-    TargetSpec,
     check_spec,
     find_targets,
     is_conv1d,
@@ -110,7 +113,9 @@ class _LoRABase(nn.Module):
         else:
             new = weight + delta
         if not torch.isfinite(new).all():
-            raise ValueError(f"merging {type(self).__name__} gives non-finite weights; the adapter is left unmerged")
+            raise ValueError(
+                f"merging {type(self).__name__} gives non-finite weights; the adapter is left unmerged"
+            )
         weight.copy_(new)
         self.merged = True
 
@@ -215,7 +220,9 @@ class LoRAEmbedding(_LoRABase):
         result = self.base_layer(ids)  # (..., dim)
         if self.merged or not self.enabled:
             return result
-        after_a = F.embedding(ids, self.lora_embedding_A.T, padding_idx=self.base_layer.padding_idx)  # (..., r)
+        after_a = F.embedding(
+            ids, self.lora_embedding_A.T, padding_idx=self.base_layer.padding_idx
+        )  # (..., r)
         return result + (after_a @ (self.lora_embedding_B * self.scaling).T).to(result.dtype)
 
 
@@ -252,7 +259,14 @@ class LoRAConv2d(_LoRABase):
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.base_layer
-        hidden = F.conv2d(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A, None, conv.stride, conv.padding, conv.dilation)
+        hidden = F.conv2d(
+            self.lora_dropout(x.to(self.lora_A.dtype)),
+            self.lora_A,
+            None,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+        )
         return F.conv2d(hidden, self.lora_B * self.scaling)  # (N, out, H', W')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,7 +326,13 @@ class LoRA(PEFTStrategy):
     init_lora_weights: bool | Literal["gaussian"] = True
 
     def __post_init__(self) -> None:
-        for name in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save", "layers_to_transform"):
+        for name in (
+            "target_modules",
+            "exclude_modules",
+            "layers_pattern",
+            "modules_to_save",
+            "layers_to_transform",
+        ):
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
                 setattr(self, name, list(value))  # Hydra's ListConfig -> list
@@ -330,7 +350,9 @@ class LoRA(PEFTStrategy):
         if self.bias not in ("none", "all", "lora_only"):
             problems.append(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
-            problems.append(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+            problems.append(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
         layers = self.layers_to_transform
         if layers is not None and not (
             isinstance(layers, int) or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
@@ -339,7 +361,8 @@ class LoRA(PEFTStrategy):
         validation_error(type(self).__name__, problems)
 
     def inject(self, model: nn.Module) -> None:
-        saved = wrap_modules_to_save(model, self.modules_to_save, "LoRA")
+        # everything is checked before the model is touched: a bad config leaves it as it was
+        saved = select_modules_to_save(model, self.modules_to_save, "LoRA")
         targets = find_targets(
             model,
             owner="LoRA",
@@ -359,6 +382,7 @@ class LoRA(PEFTStrategy):
             elif isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
                 problems.append(f"{name!r}: LoRA supports Conv2d with groups=1 and padding_mode='zeros'")
         validation_error("LoRA", problems)
+        wrap_modules_to_save(model, self.modules_to_save, "LoRA")
         common = {"r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora}
         common["init_lora_weights"] = self.init_lora_weights
         for name, module in targets:
@@ -375,7 +399,8 @@ class LoRA(PEFTStrategy):
             return {
                 f"{name}.base_layer.bias"
                 for name, module in model.named_modules()
-                if isinstance(module, LORA_LAYERS) and isinstance(getattr(module.base_layer, "bias", None), nn.Parameter)
+                if isinstance(module, LORA_LAYERS)
+                and isinstance(getattr(module.base_layer, "bias", None), nn.Parameter)
             }
         if self.bias == "all":
             frozen_copies = frozen_copy_prefixes(model)

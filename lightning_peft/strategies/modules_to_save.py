@@ -11,7 +11,13 @@ from typing import Any
 
 from torch import nn
 
-from lightning_peft.strategies.targeting import TargetSpec, candidate_modules, describe_modules, matches
+from lightning_peft.strategies.targeting import (
+    TargetSpec,
+    candidate_modules,
+    describe_modules,
+    matches,
+    replace_module,
+)
 
 
 class ModuleToSave(nn.Module):
@@ -43,28 +49,35 @@ class ModuleToSave(nn.Module):
             return getattr(trained, name)
 
 
-def wrap_modules_to_save(model: nn.Module, spec: TargetSpec, owner: str) -> list[str]:
-    """Wrap every module selected by ``spec`` in :class:`ModuleToSave`; returns their names."""
+def select_modules_to_save(model: nn.Module, spec: TargetSpec, owner: str) -> list[str]:
+    """Names of the outermost modules selected by ``spec``; raises if it selects nothing. Changes nothing."""
     if not spec:
         return []
     candidates = candidate_modules(model)
-    chosen = [(n, m) for n, m in candidates if matches(n, spec)]
+    chosen = [n for n, _ in candidates if matches(n, spec)]
     if not chosen:
         raise ValueError(
             f"{owner}: modules_to_save={spec!r} matched no module. "
             f"Modules in this model: {describe_modules(candidates)}"
         )
     # keep only the outermost match: wrapping a parent already covers its children
-    outer = [(n, m) for n, m in chosen if not any(n.startswith(o + ".") for o, _ in chosen if o != n)]
-    for name, module in outer:
-        if isinstance(module, ModuleToSave):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, ModuleToSave(module))
-    return [n for n, _ in outer]
+    return [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
+
+
+def wrap_modules_to_save(model: nn.Module, spec: TargetSpec, owner: str) -> list[str]:
+    """Wrap every module selected by ``spec`` in :class:`ModuleToSave`; returns their names."""
+    names = select_modules_to_save(model, spec, owner)
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModuleToSave):
+            replace_module(model, name, ModuleToSave(module))
+    return names
 
 
 def frozen_copy_prefixes(model: nn.Module) -> list[str]:
     """Name prefixes of the frozen originals kept by :class:`ModuleToSave`; they never train."""
-    return [f"{name}.original." if name else "original." for name, m in model.named_modules() if isinstance(m, ModuleToSave)]
+    return [
+        f"{name}.original." if name else "original."
+        for name, m in model.named_modules()
+        if isinstance(m, ModuleToSave)
+    ]

@@ -93,7 +93,9 @@ def config_differences(saved: Any, current: Any, path: str = "") -> list[str]:
     return []
 
 
-def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state") -> None:
+def load_trainable_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state"
+) -> None:
     """Copy an adapter-only ``state`` into ``model`` after checking that it fits.
 
     Raises ``ValueError`` naming every missing, misshapen or unknown tensor; nothing is copied then.

@@ -122,6 +122,11 @@ def describe_modules(modules: list[tuple[str, nn.Module]], limit: int = 40) -> s
     return ", ".join(items[:limit]) + more
 
 
+def _wrapped_layer(module: nn.Module) -> nn.Module:
+    """The base layer inside an adapter module (the module itself otherwise)."""
+    return getattr(module, "base_layer", module) if isinstance(module, AdapterModule) else module
+
+
 def find_targets(
     model: nn.Module,
     *,
@@ -136,15 +141,20 @@ def find_targets(
     """The modules of ``model`` selected by a strategy's targeting arguments.
 
     Raises ``ValueError`` naming the modules that exist when nothing matches, when a match has a
-    type the method cannot adapt, or when a match already carries an adapter.
+    type the method cannot adapt, or when a match already carries an adapter. Names in ``skip`` are
+    never taken by ``"all-linear"``, and an explicit match of one is returned for the caller to judge.
     """
     skip = skip or set()
     candidates = candidate_modules(model)
     if target_modules == ALL_LINEAR:
         heads = output_heads(model)
         kinds = linear_types()
+        # a linear layer that already carries an adapter is still selected, so that applying a
+        # strategy twice is reported below instead of matching nothing
         selected = [
-            (n, m) for n, m in candidates if isinstance(m, kinds) and id(m) not in heads and n not in skip
+            (n, m)
+            for n, m in candidates
+            if isinstance(_wrapped_layer(m), kinds) and id(m) not in heads and n not in skip
         ]
     else:
         selected = [(n, m) for n, m in candidates if matches(n, target_modules)]
@@ -157,15 +167,21 @@ def find_targets(
     if not selected:
         why = ""
         if before_filters:
-            why = f" after exclude_modules={exclude_modules!r} and layers_to_transform={layers_to_transform!r}"
+            why = (
+                f" after exclude_modules={exclude_modules!r} and layers_to_transform={layers_to_transform!r}"
+            )
         raise ValueError(
             f"{owner}: target_modules={target_modules!r} matched no module{why}. "
             f"Modules in this model: {describe_modules(candidates)}"
         )
     problems = []
     for name, module in selected:
+        if name in skip:
+            continue  # the caller says why these cannot be targeted (e.g. trained whole already)
         if isinstance(module, AdapterModule):
-            problems.append(f"{name!r} already carries an adapter ({type(module).__name__}); apply a strategy once")
+            problems.append(
+                f"{name!r} already carries an adapter ({type(module).__name__}); apply a strategy once"
+            )
         elif not isinstance(module, supported):
             names = ", ".join(t.__name__ for t in supported)
             problems.append(f"{name!r} is a {type(module).__name__}; {owner} supports {names}")
@@ -174,7 +190,8 @@ def find_targets(
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` was."""
+    """Put ``new`` where the submodule ``name`` was, in the same train/eval mode."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    new.train(getattr(parent, child).training)
     setattr(parent, child, new)
