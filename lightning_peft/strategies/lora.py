@@ -48,6 +48,13 @@ from lightning_peft.strategies.targeting import (
 InitLoRA = bool | Literal["gaussian"]
 
 
+def inner_layer(module: nn.Module) -> nn.Module:
+    """Follow ``base_layer`` links down to the original layer (adapters may be stacked)."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module
+
+
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     # quantized bases store integers; their adapters train in float32
     return weight.dtype if weight.is_floating_point() else torch.float32
@@ -88,9 +95,22 @@ class _LoRABase(nn.Module):
     def set_adapter_enabled(self, enabled: bool) -> None:
         self.enabled = enabled
 
+    def inner_layer(self) -> nn.Module:
+        """The original layer, below any other named adapters stacked on it."""
+        return inner_layer(self)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # code that reads ``layer.weight`` (weight tying, output heads) keeps working on adapted layers
+        return self.inner_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.inner_layer().bias
+
     def base_weight(self) -> torch.Tensor:
         """The base weight as ``(out, in, ...)``, whatever the layer's own storage order."""
-        weight = self.base_layer.weight
+        weight = self.inner_layer().weight
         return weight.T if getattr(self, "fan_in_fan_out", False) else weight
 
     def delta_weight(self) -> torch.Tensor:
@@ -155,7 +175,7 @@ class LoRALinear(_LoRABase):
     ) -> None:
         super().__init__()
         self._setup(base_layer, r, lora_alpha, use_rslora)
-        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.fan_in_fan_out = is_conv1d(inner_layer(base_layer))
         weight = base_layer.weight
         out_features, in_features = self.base_weight().shape
         kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
@@ -187,7 +207,7 @@ class LoRALinear(_LoRABase):
             return self.base_layer(x)
         base = F.linear(x, self.base_weight())  # (..., out), bias added last
         result = self._dora_gain().to(base.dtype) * (base + self._lora(x).to(base.dtype))
-        bias = self.base_layer.bias
+        bias = self.bias
         return result if bias is None else result + bias
 
 
@@ -214,14 +234,14 @@ class LoRAEmbedding(_LoRABase):
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling  # (num_embeddings, dim)
 
     def base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return self.inner_layer().weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(ids)  # (..., dim)
         if self.merged or not self.enabled:
             return result
         after_a = F.embedding(
-            ids, self.lora_embedding_A.T, padding_idx=self.base_layer.padding_idx
+            ids, self.lora_embedding_A.T, padding_idx=self.inner_layer().padding_idx
         )  # (..., r)
         return result + (after_a @ (self.lora_embedding_B * self.scaling).T).to(result.dtype)
 
@@ -255,10 +275,10 @@ class LoRAConv2d(_LoRABase):
 
     def delta_weight(self) -> torch.Tensor:
         product = self.lora_B.flatten(1) @ self.lora_A.flatten(1)  # (out, in * kh * kw)
-        return product.view(self.base_layer.weight.shape) * self.scaling
+        return product.view(self.weight.shape) * self.scaling
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.base_layer
+        conv = self.inner_layer()
         hidden = F.conv2d(
             self.lora_dropout(x.to(self.lora_A.dtype)),
             self.lora_A,
@@ -276,9 +296,9 @@ class LoRAConv2d(_LoRABase):
         return result + self._lora(x).to(result.dtype)
 
     def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.base_layer
         if self.merged or not self.enabled:
-            return conv(x)
+            return self.base_layer(x)
+        conv = self.inner_layer()
         base = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
         gain = self._dora_gain().to(base.dtype).view(1, -1, 1, 1)
         result = gain * (base + self._lora(x).to(base.dtype))
@@ -396,12 +416,13 @@ class LoRA(PEFTStrategy):
 
     def extra_trainable(self, model: nn.Module) -> set[str]:
         if self.bias == "lora_only":
-            return {
-                f"{name}.base_layer.bias"
-                for name, module in model.named_modules()
-                if isinstance(module, LORA_LAYERS)
-                and isinstance(getattr(module.base_layer, "bias", None), nn.Parameter)
-            }
+            names = set()
+            for name, module in model.named_modules():
+                if isinstance(module, LORA_LAYERS) and isinstance(module.bias, nn.Parameter):
+                    while isinstance(getattr(module, "base_layer", None), nn.Module):
+                        name, module = f"{name}.base_layer", module.base_layer
+                    names.add(f"{name}.bias")
+            return names
         if self.bias == "all":
             frozen_copies = frozen_copy_prefixes(model)
             return {
