@@ -5,6 +5,15 @@ from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.freeze import Freeze
 from lightning_peft.strategies.lora import LoRA, LoRAConv2d, LoRAEmbedding, LoRALinear
 from lightning_peft.strategies.modules_to_save import ModuleToSave
+from lightning_peft.strategies.named import (
+    active_adapters,
+    adapter_names,
+    adapter_state_dict,
+    add_adapter,
+    delete_adapter,
+    load_adapter_state_dict,
+    set_active_adapters,
+)
 from lightning_peft.strategies.state import load_trainable_state_dict, trainable_state_dict
 
 __all__ = [
@@ -17,6 +26,13 @@ __all__ = [
     "LoRALinear",
     "ModuleToSave",
     "PEFTStrategy",
+    "active_adapters",
+    "adapter_names",
+    "adapter_state_dict",
+    "add_adapter",
+    "delete_adapter",
+    "load_adapter_state_dict",
+    "set_active_adapters",
     "disable_adapters",
     "load_trainable_state_dict",
     "strategy_from_config",

@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 
+DEFAULT_ADAPTER = "default"
+
+
 @runtime_checkable
 class AdapterModule(Protocol):
     """A module that carries adapter tensors next to (or around) frozen base weights."""
@@ -80,6 +83,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             reference = model(x)
     """
     modules = [m for _, m in adapter_modules(model)]
+    was_enabled = [getattr(m, "enabled", True) for m in modules]
     remerge = [m for m in modules if getattr(m, "merged", False)]
     for module in remerge:
         module.unmerge()
@@ -88,8 +92,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for module in modules:
-            module.set_adapter_enabled(True)
+        for module, enabled in zip(modules, was_enabled, strict=True):
+            module.set_adapter_enabled(enabled)
         for module in remerge:
             module.merge()
 
@@ -139,9 +143,17 @@ class PEFTStrategy:
         """Names of base parameters (not adapter parameters) that this method trains."""
         return set()
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Adapt ``model`` in place: inject adapters, then freeze all but what the method trains."""
+    def apply(self, model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+        """Adapt ``model`` in place: inject adapters, then freeze all but what the method trains.
+
+        The new adapter modules are tagged with ``adapter_name`` (see ``named.add_adapter`` for
+        several named adapters on one model).
+        """
+        before = {id(m) for _, m in adapter_modules(model)}
         self.inject(model)
+        for _, module in adapter_modules(model):
+            if id(module) not in before:
+                module.adapter_name = adapter_name
         freeze_all_but(model, set(adapter_parameter_names(model)) | self.extra_trainable(model))
         return model
 

@@ -13,6 +13,8 @@ The rules are peft's, so configs carry over:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 import sys
 from collections import Counter
@@ -25,6 +27,21 @@ from lightning_peft.strategies.base import AdapterModule
 TargetSpec = str | Sequence[str] | None
 
 ALL_LINEAR = "all-linear"
+
+# set while a named adapter is added next to others: targets that carry an adapter may be wrapped again
+_STACKING = contextvars.ContextVar("lightning_peft_stacking", default=False)
+
+
+@contextlib.contextmanager
+def stacking_adapters():
+    """Inside the block, strategies may put their adapters around layers that already carry one."""
+    token = _STACKING.set(True)
+    try:
+        yield
+    finally:
+        _STACKING.reset(token)
+
+
 DEFAULT_LAYERS_PATTERNS = ("layers", "layer", "h", "blocks", "block")
 
 
@@ -122,9 +139,11 @@ def describe_modules(modules: list[tuple[str, nn.Module]], limit: int = 40) -> s
     return ", ".join(items[:limit]) + more
 
 
-def _wrapped_layer(module: nn.Module) -> nn.Module:
-    """The base layer inside an adapter module (the module itself otherwise)."""
-    return getattr(module, "base_layer", module) if isinstance(module, AdapterModule) else module
+def inner_layer(module: nn.Module) -> nn.Module:
+    """Follow ``base_layer`` links down to the original layer (adapters may be stacked)."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module
 
 
 def find_targets(
@@ -154,7 +173,7 @@ def find_targets(
         selected = [
             (n, m)
             for n, m in candidates
-            if isinstance(_wrapped_layer(m), kinds) and id(m) not in heads and n not in skip
+            if isinstance(inner_layer(m), kinds) and id(m) not in heads and n not in skip
         ]
     else:
         selected = [(n, m) for n, m in candidates if matches(n, target_modules)]
@@ -178,7 +197,13 @@ def find_targets(
     for name, module in selected:
         if name in skip:
             continue  # the caller says why these cannot be targeted (e.g. trained whole already)
-        if isinstance(module, AdapterModule):
+        if isinstance(module, AdapterModule) and _STACKING.get():
+            if not isinstance(inner_layer(module), supported):
+                names = ", ".join(t.__name__ for t in supported)
+                problems.append(
+                    f"{name!r} wraps a {type(inner_layer(module)).__name__}; {owner} supports {names}"
+                )
+        elif isinstance(module, AdapterModule):
             problems.append(
                 f"{name!r} already carries an adapter ({type(module).__name__}); apply a strategy once"
             )

@@ -1,0 +1,161 @@
+"""Several named adapters on one base: add, activate, disable, delete, save and load each."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from lightning_peft.strategies import LoRA, disable_adapters
+from lightning_peft.strategies.lora import LoRALinear
+from lightning_peft.strategies.named import (
+    active_adapters,
+    adapter_names,
+    adapter_state_dict,
+    add_adapter,
+    canonical_name,
+    delete_adapter,
+    load_adapter_state_dict,
+    set_active_adapters,
+)
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def lora(seed: int) -> LoRA:
+    torch.manual_seed(seed)  # init_lora_weights=False: each adapter changes the outputs differently
+    return LoRA(r=2, target_modules=TARGETS, init_lora_weights=False)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture
+def two_adapters():
+    model = tiny_llama()
+    torch.manual_seed(1)
+    add_adapter(model, "a", LoRA(r=2, target_modules=TARGETS, init_lora_weights=False))
+    torch.manual_seed(2)
+    add_adapter(model, "b", LoRA(r=2, target_modules=TARGETS, init_lora_weights=False))
+    return model
+
+
+def single(seed: int, state: dict) -> torch.nn.Module:
+    """The same base with one adapter holding ``state``: the reference for a stacked model."""
+    model = tiny_llama()
+    add_adapter(model, "only", LoRA(r=2, target_modules=TARGETS))
+    load_adapter_state_dict(model, "only", state)
+    return model
+
+
+def test_first_adapter_is_active_and_later_ones_are_added_inactive(two_adapters):
+    assert adapter_names(two_adapters) == ["a", "b"]
+    assert active_adapters(two_adapters) == ["a"]
+
+
+def test_each_active_adapter_gives_the_outputs_of_that_adapter_alone(two_adapters, token_ids):
+    for name in ("a", "b"):
+        set_active_adapters(two_adapters, name)
+        reference = single(0, adapter_state_dict(two_adapters, name))
+        torch.testing.assert_close(
+            logits(two_adapters, token_ids), logits(reference, token_ids), atol=1e-6, rtol=0
+        )
+
+
+def test_adapters_differ_and_both_active_add_up(two_adapters, token_ids):
+    base = logits(tiny_llama(), token_ids)
+    set_active_adapters(two_adapters, "a")
+    only_a = logits(two_adapters, token_ids)
+    set_active_adapters(two_adapters, "b")
+    only_b = logits(two_adapters, token_ids)
+    assert not torch.allclose(only_a, only_b)
+    set_active_adapters(two_adapters, ["a", "b"])
+    both = logits(two_adapters, token_ids)
+    assert not torch.allclose(both, only_a) and not torch.allclose(both, only_b)
+    set_active_adapters(two_adapters, None)
+    assert torch.equal(logits(two_adapters, token_ids), base)
+
+
+def test_disable_adapters_gives_the_base_and_restores_the_active_set(two_adapters, token_ids):
+    set_active_adapters(two_adapters, "b")
+    with disable_adapters(two_adapters):
+        assert torch.equal(logits(two_adapters, token_ids), logits(tiny_llama(), token_ids))
+    assert active_adapters(two_adapters) == ["b"]
+
+
+def test_adapter_state_uses_canonical_names_of_that_adapter_only(two_adapters):
+    state = adapter_state_dict(two_adapters, "a")
+    assert set(state) == {
+        f"model.layers.{i}.self_attn.{t}.lora_{ab}" for i in (0, 1) for t in TARGETS for ab in "AB"
+    }
+    stacked_names = {n for n, _ in two_adapters.named_parameters() if ".base_layer.lora_" in n}
+    assert stacked_names, "the first adapter sits inside the second one"
+    assert canonical_name("x.q_proj.base_layer.lora_A") == "x.q_proj.lora_A"
+
+
+def test_an_adapter_saved_alone_loads_into_a_stack_in_another_order(two_adapters, token_ids):
+    set_active_adapters(two_adapters, "a")
+    expected = logits(two_adapters, token_ids)
+    other = tiny_llama()
+    add_adapter(other, "a", LoRA(r=2, target_modules=TARGETS))  # now the inner one of a different stack
+    add_adapter(other, "b", LoRA(r=2, target_modules=TARGETS))
+    load_adapter_state_dict(other, "a", adapter_state_dict(two_adapters, "a"))
+    set_active_adapters(other, "a")
+    torch.testing.assert_close(logits(other, token_ids), expected, atol=1e-6, rtol=0)
+
+
+def test_loading_a_state_that_does_not_fit_names_the_keys(two_adapters):
+    state = adapter_state_dict(two_adapters, "a")
+    state.pop("model.layers.0.self_attn.q_proj.lora_A")
+    with pytest.raises(
+        ValueError, match=r"missing trainable tensors \(1\): model.layers.0.self_attn.q_proj.lora_A"
+    ):
+        load_adapter_state_dict(two_adapters, "b", state)
+
+
+def test_delete_adapter_unwraps_its_layers_and_keeps_the_other(two_adapters, token_ids):
+    set_active_adapters(two_adapters, "b")
+    expected_b = logits(two_adapters, token_ids)
+    delete_adapter(two_adapters, "a")
+    assert adapter_names(two_adapters) == ["b"]
+    q_proj = two_adapters.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoRALinear) and isinstance(q_proj.base_layer, torch.nn.Linear)
+    torch.testing.assert_close(logits(two_adapters, token_ids), expected_b, atol=1e-6, rtol=0)
+    delete_adapter(two_adapters, "b")
+    assert torch.equal(logits(two_adapters, token_ids), logits(tiny_llama(), token_ids))
+    assert {n for n, _ in two_adapters.named_parameters()} == {n for n, _ in tiny_llama().named_parameters()}
+
+
+def test_all_named_adapters_train_and_the_base_stays_frozen(two_adapters):
+    trainable = {n for n, p in two_adapters.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 2 * 2 * 2  # 2 adapters x 2 layers x 2 targets x (A, B)
+
+
+def test_only_the_active_adapter_gets_gradients(two_adapters, token_ids):
+    set_active_adapters(two_adapters, "b")
+    two_adapters(token_ids, labels=token_ids).loss.backward()
+    for path, module in two_adapters.named_modules():
+        if isinstance(module, LoRALinear):
+            got_grad = module.lora_B.grad is not None and bool(module.lora_B.grad.abs().sum() > 0)
+            assert got_grad == (module.adapter_name == "b"), path
+
+
+def test_duplicate_and_unknown_names_are_refused(two_adapters):
+    with pytest.raises(ValueError, match="exists already"):
+        add_adapter(two_adapters, "a", LoRA(r=2, target_modules=TARGETS))
+    with pytest.raises(ValueError, match=r"no adapter named \['c'\]; adapters here: \['a', 'b'\]"):
+        set_active_adapters(two_adapters, "c")
+    with pytest.raises(ValueError, match="no adapter named 'c'"):
+        delete_adapter(two_adapters, "c")
+
+
+def test_a_plain_apply_twice_is_still_refused_outside_add_adapter():
+    model = tiny_llama()
+    LoRA(r=2, target_modules=TARGETS).apply(model)
+    with pytest.raises(ValueError, match="already carries an adapter"):
+        LoRA(r=2, target_modules=TARGETS).apply(copy.deepcopy(model))
