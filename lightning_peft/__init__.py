@@ -14,8 +14,8 @@ from lightning_peft.strategies import (
     delete_adapter,
     disable_adapters,
     load_adapter_state_dict,
-    set_active_adapters,
     load_trainable_state_dict,
+    set_active_adapters,
     trainable_state_dict,
 )
 

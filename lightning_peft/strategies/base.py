@@ -21,7 +21,6 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-
 DEFAULT_ADAPTER = "default"
 
 
