@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
@@ -55,6 +56,9 @@ class PEFT(Callback):
         module: dotted attribute path of the submodule to adapt (``"model"``, ``"backbone.encoder"``);
             None adapts the whole LightningModule.
         verbose: print the summary table of trainable parameters.
+        save_rng_state: store torch's random number generator states in checkpoints and restore them
+            on resume, so that runs with dropout resume exactly (single process; under DDP every rank
+            gets rank 0's state back).
 
     Example::
 
@@ -67,6 +71,7 @@ class PEFT(Callback):
         strategy: PEFTStrategy | Sequence[PEFTStrategy],
         module: str | None = None,
         verbose: bool = True,
+        save_rng_state: bool = True,
     ) -> None:
         self.strategy = as_strategy(strategy)
         if module is not None and (not isinstance(module, str) or not all(module.split("."))):
@@ -75,12 +80,31 @@ class PEFT(Callback):
             )
         self.module = module
         self.verbose = verbose
+        self.save_rng_state = save_rng_state
         self._shapes: dict[str, tuple[int, ...]] = {}
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(module=self.module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if not self.save_rng_state:
+            return {}
+        state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.save_rng_state:
+            return
+        if "torch_rng" in state_dict:
+            torch.set_rng_state(state_dict["torch_rng"])
+        if "cuda_rng" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
