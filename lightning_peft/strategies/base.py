@@ -206,8 +206,12 @@ def strategy_from_config(data: dict[str, Any]) -> PEFTStrategy:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, each shared tensor counted once."""
-    seen: set[int] = set()
+    """(trainable, total) parameter counts, each shared tensor counted once.
+
+    Frozen copies that adapters keep only to be disabled (``ModuleToSave.original``) are not counted:
+    the total is the size of the user's model plus the adapters.
+    """
+    seen: set[int] = {id(p) for m in model.modules() for p in getattr(m, "shadow_parameters", list)()}
     trainable = total = 0
     for param in model.parameters():
         if id(param) in seen:

@@ -35,6 +35,10 @@ class ModuleToSave(nn.Module):
     def set_adapter_enabled(self, enabled: bool) -> None:
         self.enabled = enabled
 
+    def shadow_parameters(self) -> list[nn.Parameter]:
+        """Parameters kept only to be restored (not counted as the model's size)."""
+        return list(self.original.parameters())
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return (self.trained if self.enabled else self.original)(*args, **kwargs)
 

@@ -231,7 +231,7 @@ def test_a_second_strategy_on_an_adapted_module_is_refused(tmp_path):
 
 
 def test_two_peft_callbacks_are_refused_with_the_list_form_suggested(tmp_path):
-    callbacks = [PEFT(LoRA(**LORA), module="model"), PEFT(Freeze(trainable_modules=["4"]), module="model")]
+    callbacks = [PEFT(LoRA(**LORA), module="model"), PEFT(Freeze(trainable_modules=["model.4"]))]
     with pytest.raises(ValueError, match=r"PEFT\(\[LoRA"):
         trainer(tmp_path, callbacks).fit(Classifier(), data())
 
