@@ -3,10 +3,14 @@
 from lightning_peft.callbacks import PEFT
 from lightning_peft.checkpoint import load_from_checkpoint
 from lightning_peft.strategies import (
+    IA3,
+    Adapter,
     Compose,
     Freeze,
     LoRA,
     PEFTStrategy,
+    PrefixTuning,
+    PromptTuning,
     active_adapters,
     adapter_names,
     adapter_state_dict,
@@ -22,11 +26,15 @@ from lightning_peft.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "IA3",
+    "Adapter",
     "PEFT",
     "Compose",
     "Freeze",
     "LoRA",
     "PEFTStrategy",
+    "PrefixTuning",
+    "PromptTuning",
     "__version__",
     "active_adapters",
     "adapter_names",

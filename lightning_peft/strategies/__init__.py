@@ -1,8 +1,10 @@
 """PEFT methods as pure-PyTorch strategies; nothing here imports Lightning."""
 
+from lightning_peft.strategies.adapter import Adapter, AdapterLayer
 from lightning_peft.strategies.base import AdapterModule, PEFTStrategy, disable_adapters, strategy_from_config
 from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.freeze import Freeze
+from lightning_peft.strategies.ia3 import IA3, IA3Linear
 from lightning_peft.strategies.lora import LoRA, LoRAConv2d, LoRAEmbedding, LoRALinear
 from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.named import (
@@ -14,9 +16,14 @@ from lightning_peft.strategies.named import (
     load_adapter_state_dict,
     set_active_adapters,
 )
+from lightning_peft.strategies.prompt import PrefixTuning, PromptTuning
 from lightning_peft.strategies.state import load_trainable_state_dict, trainable_state_dict
 
 __all__ = [
+    "IA3",
+    "Adapter",
+    "AdapterLayer",
+    "IA3Linear",
     "AdapterModule",
     "Compose",
     "Freeze",
@@ -26,6 +33,8 @@ __all__ = [
     "LoRALinear",
     "ModuleToSave",
     "PEFTStrategy",
+    "PrefixTuning",
+    "PromptTuning",
     "active_adapters",
     "adapter_names",
     "adapter_state_dict",

@@ -103,6 +103,15 @@ def is_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
+def model_type(model: nn.Module) -> str | None:
+    """``config.model_type`` of the outermost Hugging Face model inside ``model`` (None if there is none)."""
+    for module in model.modules():
+        kind = getattr(getattr(module, "config", None), "model_type", None)
+        if isinstance(kind, str) and kind:
+            return kind
+    return None
+
+
 def output_heads(model: nn.Module) -> set[int]:
     """ids of the output-embedding modules of every Hugging Face model inside ``model``."""
     heads = set()
