@@ -17,6 +17,7 @@ from lightning_peft.strategies.named import (
     set_active_adapters,
 )
 from lightning_peft.strategies.prompt import PrefixTuning, PromptTuning
+from lightning_peft.strategies.qlora import QLoRA
 from lightning_peft.strategies.state import load_trainable_state_dict, trainable_state_dict
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "ModuleToSave",
     "PEFTStrategy",
     "PrefixTuning",
+    "QLoRA",
     "PromptTuning",
     "active_adapters",
     "adapter_names",

@@ -230,3 +230,33 @@ def _numel(param: torch.Tensor) -> int:
     if quant_state is not None and hasattr(quant_state, "shape"):
         return int(torch.Size(quant_state.shape).numel())
     return param.numel()
+
+
+class _OutputRequiresGrad:
+    """Forward hook: a frozen module's output requires grad (a class, so that models still pickle)."""
+
+    def __call__(self, module: nn.Module, args: object, output: object) -> None:
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+            output.requires_grad_(True)
+
+
+def require_grad_from_input_embeddings(model: nn.Module) -> None:
+    """Make the output of every Hugging Face model's input embeddings require grad while grad is on.
+
+    Reentrant gradient checkpointing backpropagates into a block only if one of its tensor inputs
+    requires grad; with frozen embeddings none does and the adapters get no gradient. transformers'
+    ``enable_input_require_grads()`` does the same, but not in every version nor in every order of
+    calls. Costs one extra gradient (the first block's input); calling it again adds no second hook.
+    """
+    for module in model.modules():
+        get_input = getattr(module, "get_input_embeddings", None)
+        if not callable(get_input):
+            continue
+        try:
+            embeddings = get_input()
+        except (AttributeError, NotImplementedError):
+            continue
+        if isinstance(embeddings, nn.Module) and not any(
+            isinstance(hook, _OutputRequiresGrad) for hook in embeddings._forward_hooks.values()
+        ):
+            embeddings.register_forward_hook(_OutputRequiresGrad())

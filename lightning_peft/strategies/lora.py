@@ -17,11 +17,16 @@ direction::
 with the norm taken per output row and treated as a constant in the backward pass (DoRA, sec. 4.3).
 Parameter names follow peft (``lora_A``, ``lora_B``, ``lora_embedding_A``, ``lora_magnitude_vector``)
 so that exports map one to one.
+
+The base layer may be quantized by bitsandbytes (4-bit ``Linear4bit``, 8-bit ``Linear8bitLt``, as
+QLoRA does): the forward calls it as it is, DoRA and merging read its weight through
+:func:`dense_weight`, and merging replaces it by a dense ``nn.Linear``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -30,15 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.strategies.base import PEFTStrategy
+from lightning_peft.strategies.base import PEFTStrategy, require_grad_from_input_embeddings
 from lightning_peft.strategies.modules_to_save import (
     frozen_copy_prefixes,
     select_modules_to_save,
     wrap_modules_to_save,
 )
+from lightning_peft.strategies.quantized import dense_weight, dequantized_linear, quantized_kind
 from lightning_peft.strategies.targeting import (
     check_spec,
     find_targets,
+    inner_layer,
     is_conv1d,
     linear_types,
     replace_module,
@@ -46,13 +53,6 @@ from lightning_peft.strategies.targeting import (
 )
 
 InitLoRA = bool | Literal["gaussian"]
-
-
-def inner_layer(module: nn.Module) -> nn.Module:
-    """Follow ``base_layer`` links down to the original layer (adapters may be stacked)."""
-    while isinstance(getattr(module, "base_layer", None), nn.Module):
-        module = module.base_layer
-    return module
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -109,8 +109,11 @@ class _LoRABase(nn.Module):
         return self.inner_layer().bias
 
     def base_weight(self) -> torch.Tensor:
-        """The base weight as ``(out, in, ...)``, whatever the layer's own storage order."""
-        weight = self.inner_layer().weight
+        """The base weight as ``(out, in, ...)``, whatever the layer's own storage order.
+
+        A quantized base layer gives a dequantized copy (see :func:`dense_weight`).
+        """
+        weight = dense_weight(self.inner_layer())
         return weight.T if getattr(self, "fan_in_fan_out", False) else weight
 
     def delta_weight(self) -> torch.Tensor:
@@ -118,9 +121,16 @@ class _LoRABase(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the base weight; the layer's outputs do not change."""
+        """Fold the update into the base weight; the layer's outputs do not change.
+
+        A quantized base layer is first replaced by its dequantized ``nn.Linear`` (with a warning): the
+        merged weights are dense and carry the base's quantization error. :meth:`unmerge` leaves the
+        base dense.
+        """
         if self.merged:
             return
+        if quantized_kind(self.inner_layer()) is not None:
+            self._dequantize_base()
         weight = self.base_weight()
         if not weight.is_floating_point():
             raise TypeError(f"cannot merge into a {weight.dtype} base weight; dequantize it first")
@@ -153,6 +163,21 @@ class _LoRABase(nn.Module):
             weight.sub_(delta)
         self.merged = False
 
+    def _dequantize_base(self) -> None:
+        quantized = self.inner_layer()
+        dense = dequantized_linear(quantized)
+        # one message for all layers: Python shows it once instead of once per layer
+        warnings.warn(
+            f"merging LoRA into {quantized_kind(quantized)} quantized layers: their weights are dequantized "
+            f"to {dense.weight.dtype} and the layers become dense nn.Linear layers (more memory; the merged "
+            f"weights keep the quantization error)",
+            stacklevel=4,  # the caller of merge(), past the no_grad wrapper
+        )
+        holder: nn.Module = self
+        while holder.base_layer is not quantized:
+            holder = holder.base_layer
+        holder.base_layer = dense
+
     def _dora_gain(self) -> torch.Tensor:
         """m / ||W + s B A|| per output; the norm is a constant for autograd (DoRA sec. 4.3)."""
         with torch.no_grad():
@@ -175,9 +200,13 @@ class LoRALinear(_LoRABase):
     ) -> None:
         super().__init__()
         self._setup(base_layer, r, lora_alpha, use_rslora)
-        self.fan_in_fan_out = is_conv1d(inner_layer(base_layer))
+        inner = inner_layer(base_layer)
+        self.fan_in_fan_out = is_conv1d(inner)
         weight = base_layer.weight
-        out_features, in_features = self.base_weight().shape
+        if isinstance(inner, nn.Linear):  # read the sizes without dequantizing a quantized weight
+            out_features, in_features = inner.out_features, inner.in_features
+        else:
+            out_features, in_features = self.base_weight().shape
         kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **kwargs))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **kwargs))
@@ -205,7 +234,8 @@ class LoRALinear(_LoRABase):
     def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return self.base_layer(x)
-        base = F.linear(x, self.base_weight())  # (..., out), bias added last
+        # a dequantized base weight may come back in another dtype than x (LLM.int8 gives float32)
+        base = F.linear(x, self.base_weight().to(x.dtype))  # (..., out), bias added last
         result = self._dora_gain().to(base.dtype) * (base + self._lora(x).to(base.dtype))
         bias = self.bias
         return result if bias is None else result + bias
@@ -356,6 +386,10 @@ class LoRA(PEFTStrategy):
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
                 setattr(self, name, list(value))  # Hydra's ListConfig -> list
+        validation_error(type(self).__name__, self._problems())
+
+    def _problems(self) -> list[str]:
+        """Every problem with the configuration (subclasses add theirs, so one error lists them all)."""
         problems: list[str] = []
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             problems.append(f"r must be a positive integer, got {self.r!r}")
@@ -378,14 +412,15 @@ class LoRA(PEFTStrategy):
             isinstance(layers, int) or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
         ):
             problems.append(f"layers_to_transform must be an int or a list of ints, got {layers!r}")
-        validation_error(type(self).__name__, problems)
+        return problems
 
-    def inject(self, model: nn.Module) -> None:
-        # everything is checked before the model is touched: a bad config leaves it as it was
-        saved = select_modules_to_save(model, self.modules_to_save, "LoRA")
+    def _checked_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The modules to adapt; raises before anything changes if the config does not fit ``model``."""
+        owner = type(self).__name__
+        saved = select_modules_to_save(model, self.modules_to_save, owner)
         targets = find_targets(
             model,
-            owner="LoRA",
+            owner=owner,
             target_modules=self.target_modules,
             supported=(*linear_types(), nn.Embedding, nn.Conv2d),
             exclude_modules=self.exclude_modules,
@@ -401,8 +436,13 @@ class LoRA(PEFTStrategy):
                 problems.append(f"{name!r} is an Embedding; use_dora supports Linear, Conv1D and Conv2d")
             elif isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
                 problems.append(f"{name!r}: LoRA supports Conv2d with groups=1 and padding_mode='zeros'")
-        validation_error("LoRA", problems)
-        wrap_modules_to_save(model, self.modules_to_save, "LoRA")
+        validation_error(owner, problems)
+        return targets
+
+    def inject(self, model: nn.Module) -> None:
+        # everything is checked before the model is touched: a bad config leaves it as it was
+        targets = self._checked_targets(model)
+        wrap_modules_to_save(model, self.modules_to_save, type(self).__name__)
         common = {"r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora}
         common["init_lora_weights"] = self.init_lora_weights
         for name, module in targets:
@@ -413,6 +453,7 @@ class LoRA(PEFTStrategy):
             else:
                 new = LoRALinear(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
             replace_module(model, name, new)
+        require_grad_from_input_embeddings(model)
 
     def extra_trainable(self, model: nn.Module) -> set[str]:
         if self.bias == "lora_only":

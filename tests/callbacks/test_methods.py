@@ -12,7 +12,7 @@ from conftest import VOCAB, tiny_llama
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_peft import PEFT, IA3, Adapter, Compose, Freeze, LoRA, PrefixTuning, PromptTuning
+from lightning_peft import PEFT, IA3, Adapter, Compose, Freeze, LoRA, PrefixTuning, PromptTuning, QLoRA
 
 # name -> (strategy factory, learning rate): soft prompts need the large rates of their papers
 METHODS = {
@@ -23,6 +23,10 @@ METHODS = {
         2e-2,
     ),
     "dora": (lambda: LoRA(r=4, lora_alpha=8, use_dora=True, target_modules=r".*_proj|lm_head"), 2e-2),
+    "qlora-nf4": (
+        lambda: QLoRA(r=4, lora_alpha=8, target_modules=r".*_proj|lm_head", compute_dtype="float32"),
+        2e-2,
+    ),
     "freeze": (lambda: Freeze(last_n_blocks=1, trainable_modules=["lm_head"]), 2e-2),
     "ia3": (lambda: Compose([IA3(), Freeze(trainable_modules=["lm_head"])]), 2e-2),
     "adapter": (
