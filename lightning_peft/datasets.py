@@ -1,0 +1,117 @@
+"""Small data modules for the ``lightning-peft fit`` entry point: a shipped CSV and generated sequences.
+
+Nothing is downloaded: the intent set ships inside the package (``lightning_peft/data/``) and the
+sequence task is generated from a seed.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+SHIPPED_CSV = Path(__file__).resolve().parent / "data" / "support_intents.csv"
+
+
+class TextClassificationData(L.LightningDataModule):
+    """Rows of ``text``, ``label``, ``split`` (train / validation) from a CSV, tokenized per batch.
+
+    Args:
+        path: the CSV; None is the shipped 240-request support-intent set (4 classes).
+        tokenizer: a local tokenizer folder; None is the shipped MiniLM's.
+        labels: class names in index order; None takes them sorted from the file.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        tokenizer: str | None = None,
+        labels: list[str] | None = None,
+        batch_size: int = 16,
+        max_length: int = 64,
+    ) -> None:
+        super().__init__()
+        self.path = Path(path) if path else SHIPPED_CSV
+        if not self.path.is_file():
+            raise ValueError(f"TextClassificationData: no CSV file at {self.path}")
+        self.tokenizer_path = tokenizer
+        self.labels = list(labels) if labels else None
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def setup(self, stage: str) -> None:
+        from transformers import AutoTokenizer
+
+        from lightning_peft.tasks import default_pretrained
+
+        with self.path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        missing = {"text", "label", "split"} - set(rows[0] if rows else {})
+        if missing:
+            raise ValueError(f"{self.path} lacks the columns {sorted(missing)}; it needs text, label, split")
+        self.labels = self.labels or sorted({r["label"] for r in rows})
+        unknown = sorted({r["label"] for r in rows} - set(self.labels))
+        if unknown:
+            raise ValueError(f"labels {unknown} in {self.path} are not in labels={self.labels}")
+        self.splits = {
+            split: [(r["text"], self.labels.index(r["label"])) for r in rows if r["split"] == split]
+            for split in ("train", "validation")
+        }
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path or default_pretrained(), local_files_only=True)
+
+    def _collate(self, examples: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        texts, labels = zip(*examples, strict=True)
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": torch.tensor(labels)}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True, collate_fn=self._collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["validation"], batch_size=64, collate_fn=self._collate)
+
+
+class SequenceData(L.LightningDataModule):
+    """Generated token sequences that repeat a short cycle: a causal LM can learn them in a few steps.
+
+    Args:
+        vocab_size: token ids are drawn from ``[3, vocab_size)``.
+        length: tokens per sequence; ``period``: length of the repeated cycle.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 128,
+        length: int = 16,
+        period: int = 4,
+        train_size: int = 256,
+        val_size: int = 64,
+        batch_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        problems = [f"{k} must be positive, got {v}" for k, v in locals().items() if isinstance(v, int) and k != "seed" and v <= 0]
+        if vocab_size <= 3 + period:
+            problems.append(f"vocab_size={vocab_size} must exceed 3 + period={period}")
+        if problems:
+            raise ValueError("SequenceData is misconfigured:\n  - " + "\n  - ".join(problems))
+        self.save_hyperparameters()
+
+    def _make(self, n: int, seed: int) -> torch.Tensor:
+        h = self.hparams
+        g = torch.Generator().manual_seed(seed)
+        cycles = torch.randint(3, h.vocab_size, (n, h.period), generator=g)  # (n, period)
+        return cycles.repeat(1, h.length // h.period + 1)[:, : h.length]  # (n, length)
+
+    def setup(self, stage: str) -> None:
+        self.train = self._make(self.hparams.train_size, self.hparams.seed)
+        self.val = self._make(self.hparams.val_size, self.hparams.seed + 1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=self.hparams.batch_size)

