@@ -1,7 +1,8 @@
 """lightning_peft: parameter-efficient fine-tuning for PyTorch Lightning, as callbacks."""
 
-from lightning_peft.callbacks import PEFT
+from lightning_peft.callbacks import PEFT, CurriculumSchedule
 from lightning_peft.checkpoint import load_from_checkpoint
+from lightning_peft.formats import ExportResult, export_adapter, export_merged, load_adapter, read_adapter
 from lightning_peft.strategies import (
     IA3,
     Adapter,
@@ -27,10 +28,12 @@ from lightning_peft.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CurriculumSchedule",
     "IA3",
     "Adapter",
     "PEFT",
     "Compose",
+    "ExportResult",
     "Freeze",
     "LoRA",
     "PEFTStrategy",
@@ -44,9 +47,13 @@ __all__ = [
     "add_adapter",
     "delete_adapter",
     "disable_adapters",
+    "export_adapter",
+    "export_merged",
+    "load_adapter",
     "load_adapter_state_dict",
     "set_active_adapters",
     "load_from_checkpoint",
     "load_trainable_state_dict",
+    "read_adapter",
     "trainable_state_dict",
 ]

@@ -35,7 +35,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
             f"{path} holds objects other than tensors and plain data, which are not loaded by default. "
             f"Pass weights_only=False only for a file you trust. ({err})"
         ) from err
-    except (RuntimeError, EOFError) as err:
+    except (RuntimeError, EOFError, OSError) as err:  # torch 2.13 reports some truncations as OSError
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'")

@@ -60,42 +60,53 @@ class TextClassificationData(L.LightningDataModule):
             split: [(r["text"], self.labels.index(r["label"])) for r in rows if r["split"] == split]
             for split in ("train", "validation")
         }
-        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path or default_pretrained(), local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.tokenizer_path or default_pretrained(), local_files_only=True
+        )
 
     def _collate(self, examples: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
         texts, labels = zip(*examples, strict=True)
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": torch.tensor(labels)}
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "labels": torch.tensor(labels),
+        }
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True, collate_fn=self._collate)
+        return DataLoader(
+            self.splits["train"], batch_size=self.batch_size, shuffle=True, collate_fn=self._collate
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["validation"], batch_size=64, collate_fn=self._collate)
 
 
 class SequenceData(L.LightningDataModule):
-    """Generated token sequences that repeat a short cycle: a causal LM can learn them in a few steps.
+    """Generated counting sequences (each token is the previous one plus one, wrapping around the
+    vocabulary) from random starts: a causal LM learns the rule in a few dozen steps.
 
     Args:
-        vocab_size: token ids are drawn from ``[3, vocab_size)``.
-        length: tokens per sequence; ``period``: length of the repeated cycle.
+        vocab_size: token ids are drawn from ``[3, vocab_size)`` (0-2 are left to special tokens).
+        length: tokens per sequence.
     """
 
     def __init__(
         self,
         vocab_size: int = 128,
         length: int = 16,
-        period: int = 4,
         train_size: int = 256,
         val_size: int = 64,
         batch_size: int = 16,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        problems = [f"{k} must be positive, got {v}" for k, v in locals().items() if isinstance(v, int) and k != "seed" and v <= 0]
-        if vocab_size <= 3 + period:
-            problems.append(f"vocab_size={vocab_size} must exceed 3 + period={period}")
+        sizes = {"length": length, "train_size": train_size, "val_size": val_size, "batch_size": batch_size}
+        problems = [f"{k} must be positive, got {v}" for k, v in sizes.items() if v <= 0]
+        if vocab_size <= 4:
+            problems.append(f"vocab_size must be above 4, got {vocab_size}")
         if problems:
             raise ValueError("SequenceData is misconfigured:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters()
@@ -103,8 +114,8 @@ class SequenceData(L.LightningDataModule):
     def _make(self, n: int, seed: int) -> torch.Tensor:
         h = self.hparams
         g = torch.Generator().manual_seed(seed)
-        cycles = torch.randint(3, h.vocab_size, (n, h.period), generator=g)  # (n, period)
-        return cycles.repeat(1, h.length // h.period + 1)[:, : h.length]  # (n, length)
+        starts = torch.randint(0, h.vocab_size - 3, (n, 1), generator=g)  # (n, 1)
+        return 3 + (starts + torch.arange(h.length)) % (h.vocab_size - 3)  # (n, length)
 
     def setup(self, stage: str) -> None:
         self.train = self._make(self.hparams.train_size, self.hparams.seed)

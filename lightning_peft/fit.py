@@ -74,18 +74,26 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
 
-    out = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.get("output_dir", "."))
+    out = (
+        Path(HydraConfig.get().runtime.output_dir)
+        if HydraConfig.initialized()
+        else Path(cfg.get("output_dir", "."))
+    )
     L.seed_everything(cfg.seed, workers=True)
     # built before the Trainer: a bad value (negative r, unknown key) fails here, before any training
     callbacks = build_callbacks(cfg)
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.model, _convert_="all")
     trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=CSVLogger(out, name="logs"), default_root_dir=out, _convert_="all"
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=CSVLogger(out, name="logs"),
+        default_root_dir=out,
+        _convert_="all",
     )
     trainer.fit(module, datamodule=datamodule)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["global_step"] = trainer.global_step
     final = out / "checkpoints" / "last-adapter.ckpt"
     trainer.save_checkpoint(final, weights_only=True)
@@ -94,7 +102,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         written = export_adapter(final, out / "adapter", overwrite=True)
         metrics_file = out / "metrics.json"
-        record = {"metrics": metrics, "checkpoint": str(final), "adapter": str(written), "overrides": _overrides()}
+        record = {
+            "metrics": metrics,
+            "checkpoint": str(final),
+            "adapter": str(written.path),
+            "adapter_format": written.format,
+            "overrides": _overrides(),
+        }
         metrics_file.write_text(json.dumps(record, indent=2) + "\n")
         log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         log.info("wrote %s, %s and %s", final, out / "adapter", metrics_file)
@@ -120,9 +134,17 @@ class SweepSummary(HydraCallback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = []
-        for metrics_file in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: _job_number(p.parent.name)):
+        for metrics_file in sorted(
+            sweep_dir.glob("*/metrics.json"), key=lambda p: _job_number(p.parent.name)
+        ):
             record = json.loads(metrics_file.read_text())
-            rows.append({"job": metrics_file.parent.name, "overrides": " ".join(record["overrides"]), **record["metrics"]})
+            rows.append(
+                {
+                    "job": metrics_file.parent.name,
+                    "overrides": " ".join(record["overrides"]),
+                    **record["metrics"],
+                }
+            )
         if not rows:
             log.warning("no job of the sweep in %s wrote metrics.json", sweep_dir)
             return

@@ -74,7 +74,12 @@ class SequenceClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, batch["labels"])
         size = len(batch["labels"])
         self.log(f"{stage}_loss", loss, batch_size=size, prog_bar=True)
-        self.log(f"{stage}_acc", (logits.argmax(-1) == batch["labels"]).float().mean(), batch_size=size, prog_bar=True)
+        self.log(
+            f"{stage}_acc",
+            (logits.argmax(-1) == batch["labels"]).float().mean(),
+            batch_size=size,
+            prog_bar=True,
+        )
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -18,7 +18,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 # experiment and hparams_search files are `@package _global_` overrides: composed, not instantiated
 GLOBAL_GROUPS = {"experiment", "hparams_search"}
 PLUGINS = {"hparams_search/optuna.yaml": "hydra_plugins.hydra_optuna_sweeper"}
-OPTIONS = sorted(p.relative_to(CONF) for p in CONF.rglob("*.yaml") if p.parent != CONF and "hydra" not in p.parts)
+OPTIONS = sorted(
+    p.relative_to(CONF) for p in CONF.rglob("*.yaml") if p.parent != CONF and "hydra" not in p.parts
+)
 
 
 def composed(*overrides: str, config_dir: Path = CONF):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -82,6 +83,27 @@ class PEFT(Callback):
         self.verbose = verbose
         self.save_rng_state = save_rng_state
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._pretrained: Any = None  # set by from_pretrained: weights to load right after applying
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, module: str | None = None, **kwargs: Any) -> PEFT:
+        """A callback that applies the adapter saved in folder ``path`` and loads its weights.
+
+        The folder is a Hugging Face PEFT adapter (``adapter_config.json``) or one that
+        ``lightning_peft.export_adapter`` wrote; the strategy is built from its config, and the weights
+        are loaded as soon as the strategy is applied (before a checkpoint is restored, so resuming
+        still works). Other keyword arguments go to ``PEFT``.
+
+        Example::
+
+            trainer = L.Trainer(callbacks=[PEFT.from_pretrained("my-adapter", module="model")])
+        """
+        from lightning_peft.formats import read_adapter  # formats imports this module
+
+        adapter = read_adapter(path)
+        callback = cls(adapter.strategy, module=module, **kwargs)
+        callback._pretrained = adapter
+        return callback
 
     @property
     @override
@@ -141,6 +163,8 @@ class PEFT(Callback):
                 self._shapes = {clean_name(n): tuple(p.shape) for n, p in pl_module.named_parameters()}
             return False
         self.strategy.apply(target)
+        if self._pretrained is not None:
+            self._pretrained.load_into(target)
         object.__setattr__(target, _APPLIED_ATTR, config)
         # the checkpoint holds only the adapters; the check in on_load_checkpoint replaces strict loading
         pl_module.strict_loading = False

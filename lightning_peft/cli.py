@@ -1,0 +1,227 @@
+"""The ``lightning-peft`` command: one subcommand per task (``export`` now; ``fit``, ``generate`` later).
+
+Each subcommand is a :class:`Command`: a name, a help line, a function that adds its arguments to an
+``argparse`` parser, and a function that runs it and returns an exit code. A command that composes a
+Hydra config (``fit``) can take its overrides as ``argparse.REMAINDER`` and hand them to Hydra's
+compose API, so every subcommand shares the same entry point, ``--help`` and exit codes.
+
+Exit codes: 0 success, 1 error (one line on stderr; ``--debug`` shows the traceback), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from lightning_peft.formats.peft_layout import TASK_TYPES
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_CODES = (
+    "exit codes: 0 success, 1 error (a one-line message on stderr; --debug for the traceback), 2 usage error"
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+
+
+class UsageError(Exception):
+    """Arguments that parse but do not make sense together: exit code 2."""
+
+
+def _progress(line: str) -> None:
+    print(f"lightning-peft: {line}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+EXPORT_DESCRIPTION = """\
+Export the adapter of an adapter-only checkpoint written with the PEFT callback.
+
+Without --merged: a folder in the Hugging Face PEFT format (adapter_config.json +
+adapter_model.safetensors) that peft.PeftModel.from_pretrained loads, or, for methods the PEFT
+format cannot carry (bottleneck adapters, Compose, ...), the lightning_peft layout
+(lightning_peft_config.json + adapter_model.safetensors). The command says which it wrote.
+No base model weights are needed.
+
+With --merged --base MODEL_DIR: a full transformers model folder (save_pretrained) with LoRA, DoRA
+and IA3 folded into the weights of the model in MODEL_DIR; its tokenizer files are copied along.
+
+OUT is written next to its final place and renamed when complete; an existing OUT is refused
+unless --overwrite.
+"""
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint written with the PEFT callback")
+    parser.add_argument("out", metavar="OUT", help="output folder (must not exist, unless --overwrite)")
+    parser.add_argument(
+        "--merged", action="store_true", help="write a full model with the adapters merged in"
+    )
+    parser.add_argument("--base", metavar="MODEL_DIR", help="with --merged: the base model folder")
+    parser.add_argument(
+        "--adapter-name", metavar="NAME", help="the adapter to export (default: the only one)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("auto", "peft", "lightning_peft"),
+        default="auto",
+        help="adapter layout; auto: the PEFT format when it can carry the adapter (default)",
+    )
+    parser.add_argument(
+        "--base-model-name-or-path", metavar="NAME", help="recorded in adapter_config.json (hub id or folder)"
+    )
+    parser.add_argument(
+        "--task-type",
+        choices=TASK_TYPES,
+        help="peft task type (prompt and prefix tuning need it unless --base-model-name-or-path is a folder)",
+    )
+    parser.add_argument(
+        "--root",
+        metavar="PATH",
+        help="attribute path of the Hugging Face model inside a whole adapted LightningModule (PEFT(module=None))",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    if args.base and not args.merged:
+        raise UsageError("--base is used only with --merged")
+    if args.merged and not args.base:
+        raise UsageError("--merged needs --base MODEL_DIR, the model the checkpoint was trained on")
+    if args.merged and (args.format != "auto" or args.task_type or args.root or args.base_model_name_or_path):
+        raise UsageError(
+            "--format, --task-type, --root and --base-model-name-or-path apply to adapter exports"
+        )
+    if args.merged and args.adapter_name not in (None, "default"):
+        raise UsageError("a checkpoint holds one adapter, named 'default'")
+    from lightning_peft.formats import export_adapter, export_merged
+
+    if args.merged:
+        result = export_merged(
+            args.checkpoint, args.out, base=args.base, overwrite=args.overwrite, progress=_progress
+        )
+    else:
+        result = export_adapter(
+            args.checkpoint,
+            args.out,
+            adapter_name=args.adapter_name,
+            base_model_name_or_path=args.base_model_name_or_path,
+            format=args.format,
+            task_type=args.task_type,
+            root=args.root,
+            overwrite=args.overwrite,
+            progress=_progress,
+        )
+    print(f"wrote {result.format} export to {result.path} ({result.tensors} tensors)")
+    if result.note:
+        _progress(f"note: {result.note}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------- fit
+
+FIT_DESCRIPTION = """\
+Train with the PEFT callback, composed by Hydra from lightning_peft's conf/ (model, data, peft,
+trainer, callbacks, schedule, experiment, hparams_search). Everything after `fit` goes to Hydra:
+
+  lightning-peft fit                                   LoRA on the shipped MiniLM and intent set
+  lightning-peft fit peft=ia3 trainer.max_epochs=1     override groups and keys
+  lightning-peft fit -m peft=lora,dora peft.r=4,8      a sweep, with summary.csv at the end
+  lightning-peft fit --help                            Hydra's help: every group and option
+"""
+
+
+def run_fit(overrides: Sequence[str]) -> int:
+    """Hand the overrides to Hydra's ``main`` (it parses -m, --help, --cfg, ... itself)."""
+    from lightning_peft import fit
+
+    saved = sys.argv
+    sys.argv = ["lightning-peft fit", *overrides]
+    try:
+        fit.main()
+    except SystemExit as exit_:  # Hydra exits 1 on errors (after printing them) and 0 after --help
+        return int(exit_.code or 0)
+    finally:
+        sys.argv = saved
+    return EXIT_OK
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "fit",
+        "train with Hydra configs (single run or -m sweep); `fit --help` lists the options",
+        lambda parser: None,
+        lambda args: EXIT_OK,  # never reached: main() hands `fit` to Hydra before argparse
+        FIT_DESCRIPTION,
+    ),
+    Command(
+        "export",
+        "export a checkpoint's adapter (PEFT format) or a merged model",
+        _add_export_arguments,
+        _run_export,
+        EXPORT_DESCRIPTION,
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-peft",
+        description="Parameter-efficient fine-tuning for PyTorch Lightning.",
+        epilog=EXIT_CODES,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        sub = commands.add_parser(
+            command.name,
+            help=command.help,
+            description=command.description or command.help,
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        command.add_arguments(sub)
+        sub.set_defaults(command_spec=command, subparser=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:
+        return run_fit(argv[1:])
+    parser = build_parser()
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported by the subcommand, whose usage line is the helpful one
+            args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as exit_:  # argparse exits 2 on bad usage and 0 after --help
+        return int(exit_.code or 0)
+    command: Command = args.command_spec
+    try:
+        return command.run(args)
+    except UsageError as err:
+        args.subparser.print_usage(sys.stderr)
+        print(f"lightning-peft {command.name}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"lightning-peft {command.name}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Merged export: a plain transformers model folder with the adapters folded into its weights."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lightning_peft.callbacks.peft import _APPLIED_ATTR
+from lightning_peft.formats.adapter import ExportResult, Progress
+from lightning_peft.formats.files import copy_tokenizer, read_json, staged_directory
+from lightning_peft.formats.source import adapted_module, source_from_checkpoint
+from lightning_peft.strategies.base import MergeableAdapter, PEFTStrategy, adapter_modules
+from lightning_peft.strategies.lora import dequantized_linear, quantized_kind
+from lightning_peft.strategies.modules_to_save import ModuleToSave
+from lightning_peft.strategies.state import load_trainable_state_dict, trainable_names
+from lightning_peft.strategies.targeting import replace_module
+
+
+def export_merged(
+    source: str | Path | nn.Module,
+    out_dir: str | Path,
+    base: str | Path | nn.Module | None = None,
+    *,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Write a full transformers model with the adapters merged in, loadable with ``from_pretrained``.
+
+    LoRA, DoRA and IA3 are folded into the base weights and their layers unwrapped to the original
+    ones; modules trained whole (``modules_to_save``) take their trained weights. Bottleneck adapters,
+    prompt and prefix tuning cannot be merged: a ``ValueError`` says so. An adapted module is copied
+    first, so it is left as it is.
+
+    Args:
+        source: an adapted module (or a LightningModule the ``PEFT`` callback adapted), or a checkpoint
+            written with the ``PEFT`` callback.
+        out_dir: the folder to create (written next to it first, renamed when complete).
+        base: for a checkpoint: the model it was trained on, as a model folder (loaded with the class in
+            its ``config.json``) or as a module (then copied).
+        tokenizer: saved alongside: an object with ``save_pretrained`` or a folder to copy tokenizer files
+            from. Default: the source's ``tokenizer`` attribute, or the tokenizer files of a ``base`` folder.
+        overwrite: replace an existing ``out_dir``.
+        progress: called with a line of text for each step.
+
+    Example::
+
+        export_merged("epoch=2.ckpt", "merged-model", base="path/to/base-model")
+        model = AutoModelForCausalLM.from_pretrained("merged-model")
+    """
+    say = progress or (lambda line: None)
+    if isinstance(source, nn.Module):
+        if base is not None:
+            raise ValueError("base= is for checkpoint sources; an adapted module is its own base")
+        model = _copy_of_adapted_model(source)
+        tokenizer = tokenizer if tokenizer is not None else getattr(source, "tokenizer", None)
+    else:
+        if base is None:
+            raise ValueError("merging a checkpoint needs base= the model it was trained on (a model folder)")
+        say(f"reading {source}")
+        adapter = source_from_checkpoint(source)
+        model = _load_base(base, say)
+        say(f"applying {type(adapter.strategy).__name__} and loading {len(adapter.tensors)} tensors")
+        adapter.strategy.apply(model)
+        try:
+            load_trainable_state_dict(model, adapter.tensors, source=str(source))
+        except ValueError as err:
+            hint = ""
+            if adapter.whole_lightning_module:
+                hint = (
+                    "\n(the checkpoint adapted a whole LightningModule, PEFT(module=None): pass base= an "
+                    "instance of that LightningModule, or train with PEFT(module='model'))"
+                )
+            raise ValueError(f"{err}{hint}") from err
+        model = _copy_of_adapted_model(model, copy_model=False)
+        if tokenizer is None and not isinstance(base, nn.Module):
+            tokenizer = base
+    active = sum(1 for _, m in adapter_modules(model) if getattr(m, "enabled", True))
+    say(f"merging {active} adapter layers into {type(model).__name__}")
+    merge_and_unwrap(model)
+    say(f"writing {out_dir}")
+    with staged_directory(out_dir, overwrite) as staged:
+        model.save_pretrained(str(staged), safe_serialization=True)
+        copied = copy_tokenizer(tokenizer, staged)
+    note = "tokenizer saved" if copied else "no tokenizer found; none saved"
+    return ExportResult(Path(out_dir), "merged", len(model.state_dict()), note)
+
+
+def merge_and_unwrap(model: nn.Module) -> int:
+    """Fold every active adapter into ``model``'s weights, drop inactive ones and put the original layers
+    back; returns how many adapters were merged. Raises ``ValueError`` if an active one cannot merge."""
+    cannot = [
+        f"{path or type(model).__name__} ({type(m).__name__})"
+        for path, m in adapter_modules(model)
+        if getattr(m, "enabled", True) and not isinstance(m, MergeableAdapter | ModuleToSave)
+    ]
+    if cannot:
+        raise ValueError(
+            f"cannot merge {', '.join(cannot[:6])}: bottleneck adapters and prompt or prefix tuning add "
+            "computation that no weight can hold; export the adapter instead (export_adapter)"
+        )
+    _remove_adapters(model, only_disabled=True)  # inactive named adapters contribute nothing: drop them
+    merged = sum(1 for _ in adapter_modules(model))
+    PEFTStrategy().merge(model)  # checks for tied weights first, then merges every layer
+    _remove_adapters(model)
+    _dequantize(model)
+    model.requires_grad_(False)
+    if _APPLIED_ATTR in model.__dict__:
+        object.__delattr__(model, _APPLIED_ATTR)
+    return merged
+
+
+def _dequantize(model: nn.Module) -> None:
+    """Replace the layers QLoRA quantized without adapting them by dense ones: a plain
+    ``from_pretrained`` cannot read bitsandbytes' 4-bit states (merging already dequantized the others)."""
+    quantized = [
+        name for name, module in model.named_modules() if name and quantized_kind(module) is not None
+    ]
+    if quantized:
+        warnings.warn(
+            f"dequantizing {len(quantized)} quantized layers for the merged model; their weights keep the "
+            "quantization error",
+            stacklevel=4,
+        )
+    for name in quantized:
+        replace_module(model, name, dequantized_linear(model.get_submodule(name)))
+
+
+def _remove_adapters(model: nn.Module, only_disabled: bool = False) -> None:
+    """Put back what each adapter wraps, outermost first (what it wrapped may be the next adapter)."""
+    while True:
+        path, module = next(
+            (
+                (p, m)
+                for p, m in adapter_modules(model)
+                if not (only_disabled and getattr(m, "enabled", True))
+            ),
+            (None, None),
+        )
+        if module is None:
+            return
+        if isinstance(module, ModuleToSave):
+            replace_module(model, path, module.trained if module.enabled else module.original)
+        elif isinstance(getattr(module, "base_layer", None), nn.Module):
+            replace_module(model, path, module.base_layer)
+        else:  # an inactive prompt or prefix encoder: its hook does nothing without it
+            parent, _, child = path.rpartition(".")
+            delattr(model.get_submodule(parent) if parent else model, child)
+
+
+def _copy_of_adapted_model(source: nn.Module, copy_model: bool = True) -> nn.Module:
+    """The Hugging Face model inside ``source`` that holds all its adapters (a copy, unless told)."""
+    from transformers import PreTrainedModel
+
+    _, adapted, _ = adapted_module(source)
+    found = [(n, m) for n, m in adapted.named_modules() if isinstance(m, PreTrainedModel)]
+    if not found:
+        raise ValueError(
+            f"{type(source).__name__} holds no transformers model (PreTrainedModel) to save with save_pretrained"
+        )
+    path, model = found[0]
+    prefix = f"{path}." if path else ""
+    outside = [n for n, _ in adapter_modules(adapted) if not (n + ".").startswith(prefix)]
+    if outside:
+        raise ValueError(
+            f"adapters outside the transformers model {path or type(model).__name__!r} cannot be saved in its "
+            f"folder: {', '.join(outside[:6])}"
+        )
+    others = [n for n in trainable_names(adapted) if not n.startswith(prefix)]
+    if others:
+        warnings.warn(
+            f"trainable tensors outside the transformers model are not saved: {', '.join(others[:6])}",
+            stacklevel=3,
+        )
+    return copy.deepcopy(model) if copy_model else model
+
+
+def _load_base(base: str | Path | nn.Module, say: Any) -> nn.Module:
+    if isinstance(base, nn.Module):
+        return copy.deepcopy(base)
+    import transformers
+
+    folder = Path(base)
+    config = read_json(folder / "config.json")
+    architectures = config.get("architectures") or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    cls = cls or transformers.AutoModel
+    say(f"loading the base model {cls.__name__} from {folder}")
+    return cls.from_pretrained(str(folder))

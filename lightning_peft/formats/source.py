@@ -1,0 +1,254 @@
+"""What an export starts from: a strategy and its tensors, read from a checkpoint or an adapted module.
+
+A Lightning checkpoint written with the ``PEFT`` callback holds both (``checkpoint["lightning_peft"]``
+records the strategy, ``state_dict`` the trainable tensors). An adapted module holds the tensors; its
+strategy is the one the callback (or :func:`~lightning_peft.load_adapter`) recorded on it, or, for a
+model adapted with ``strategy.apply``, one rebuilt from its adapter layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_peft.callbacks.peft import _APPLIED_ATTR, CHECKPOINT_KEY
+from lightning_peft.formats.files import load_checkpoint_file
+from lightning_peft.strategies.adapter import _ACTIVATIONS, Adapter, AdapterLayer
+from lightning_peft.strategies.base import (
+    DEFAULT_ADAPTER,
+    PEFTStrategy,
+    adapter_modules,
+    adapter_parameter_names,
+    strategy_from_config,
+)
+from lightning_peft.strategies.compose import Compose
+from lightning_peft.strategies.freeze import Freeze
+from lightning_peft.strategies.ia3 import IA3, IA3Linear
+from lightning_peft.strategies.lora import LORA_LAYERS, LoRA, LoRAEmbedding
+from lightning_peft.strategies.modules_to_save import ModuleToSave
+from lightning_peft.strategies.named import adapter_names, adapter_state_dict, canonical_name
+from lightning_peft.strategies.prompt import PrefixEncoder, PrefixTuning, PromptEncoder, PromptTuning
+from lightning_peft.strategies.state import clean_name, trainable_state_dict
+
+
+@dataclass
+class AdapterSource:
+    """One adapter to export.
+
+    ``tensors`` are keyed relative to the adapted module, as in its ``state_dict()``. ``model`` is the
+    adapted module itself when the source was a module (None for a checkpoint); ``module`` is its
+    attribute path inside the LightningModule, as the ``PEFT`` callback records it.
+    """
+
+    strategy: PEFTStrategy
+    tensors: dict[str, torch.Tensor]
+    origin: str
+    module: str | None = None
+    model: nn.Module | None = None
+    adapter_name: str = DEFAULT_ADAPTER
+    whole_lightning_module: bool = False
+    left_out: list[str] = field(default_factory=list)
+
+
+def source_from_checkpoint(path: str | Path, adapter_name: str | None = None) -> AdapterSource:
+    """Read the strategy and the adapter tensors of a checkpoint written with the ``PEFT`` callback."""
+    checkpoint = load_checkpoint_file(path)
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(meta, dict) or "strategy" not in meta:
+        raise ValueError(
+            f"{path} was not written with the PEFT callback (it has no {CHECKPOINT_KEY!r} entry), so it does "
+            "not say which strategy built its tensors"
+        )
+    if adapter_name not in (None, DEFAULT_ADAPTER):
+        raise ValueError(
+            f"adapter_name={adapter_name!r}: a checkpoint of the PEFT callback holds one adapter, "
+            f"named {DEFAULT_ADAPTER!r}"
+        )
+    module = meta.get("module")
+    prefix = f"{module}." if module else ""
+    tensors, outside = {}, []
+    for key, value in checkpoint["state_dict"].items():
+        key = clean_name(key)
+        if key.startswith(prefix):
+            tensors[key[len(prefix) :]] = value
+        else:
+            outside.append(key)
+    if outside:
+        warnings.warn(
+            f"{len(outside)} trainable tensors of {path} lie outside the adapted module {module!r} and are not "
+            f"part of its adapter; they are not exported: {', '.join(outside[:6])}",
+            stacklevel=3,
+        )
+    return AdapterSource(
+        strategy=strategy_from_config(meta["strategy"]),
+        tensors=tensors,
+        origin=str(path),
+        module=module,
+        whole_lightning_module=not module,
+        left_out=outside,
+    )
+
+
+def source_from_module(model: nn.Module, adapter_name: str | None = None) -> AdapterSource:
+    """The adapter inside ``model`` (a LightningModule the ``PEFT`` callback adapted, or an adapted model)."""
+    path, adapted, recorded = adapted_module(model)
+    names = adapter_names(adapted)
+    if not names:
+        raise ValueError(f"{type(model).__name__} carries no adapter to export")
+    if adapter_name is None:
+        if len(names) > 1:
+            raise ValueError(f"the model carries several adapters; pass adapter_name= one of {names}")
+        adapter_name = names[0]
+    elif adapter_name not in names:
+        raise ValueError(f"no adapter named {adapter_name!r}; adapters here: {names}")
+    if len(names) == 1:
+        tensors = trainable_state_dict(adapted)
+        strategy = strategy_from_config(recorded) if recorded else infer_strategy(adapted, adapter_name)
+    else:  # one of several named adapters: its own tensors, under names without the stacking links
+        tensors = adapter_state_dict(adapted, adapter_name)
+        strategy = infer_strategy(adapted, adapter_name)
+    return AdapterSource(
+        strategy=strategy,
+        tensors={k: v.detach().cpu() for k, v in tensors.items()},
+        origin=type(model).__name__,
+        module=path,
+        model=adapted,
+        adapter_name=adapter_name,
+    )
+
+
+def adapted_module(model: nn.Module) -> tuple[str | None, nn.Module, dict[str, Any] | None]:
+    """(path, module, recorded strategy config) of the module the ``PEFT`` callback adapted inside
+    ``model``; ``model`` itself, with no record, when nothing inside carries one."""
+    marked = [(n, m) for n, m in model.named_modules() if getattr(m, _APPLIED_ATTR, None) is not None]
+    if len(marked) > 1:
+        raise ValueError(f"several adapted modules inside {type(model).__name__}: {[n for n, _ in marked]}")
+    if marked:
+        name, module = marked[0]
+        return name or None, module, getattr(module, _APPLIED_ATTR)
+    return None, model, None
+
+
+def infer_strategy(model: nn.Module, adapter_name: str) -> PEFTStrategy:
+    """The strategy that builds adapter ``adapter_name`` of ``model`` again, read from its layers.
+
+    Targets become exact module names, so the strategy rebuilds the same layers on the same model.
+    """
+    layers = [
+        (canonical_name(path), module)
+        for path, module in adapter_modules(model)
+        if getattr(module, "adapter_name", DEFAULT_ADAPTER) == adapter_name
+    ]
+    saved = [path for path, m in layers if isinstance(m, ModuleToSave)] or None
+    layers = [(path, m) for path, m in layers if not isinstance(m, ModuleToSave)]
+    kinds = sorted({type(m).__name__ for _, m in layers})
+    paths = [path for path, _ in layers]
+    if layers and all(isinstance(m, LORA_LAYERS) for _, m in layers):
+        strategy: PEFTStrategy = _lora_from_layers(layers, saved, model)
+    elif kinds == ["IA3Linear"]:
+        feedforward = [path for path, m in layers if isinstance(m, IA3Linear) and m.is_feedforward]
+        strategy = IA3(target_modules=paths, feedforward_modules=feedforward, modules_to_save=saved)
+    elif kinds == ["PromptEncoder"]:
+        (encoder,) = [m for _, m in layers if isinstance(m, PromptEncoder)]
+        strategy = PromptTuning(num_virtual_tokens=encoder.num_virtual_tokens)
+    elif kinds == ["PrefixEncoder"]:
+        (encoder,) = [m for _, m in layers if isinstance(m, PrefixEncoder)]
+        projection = "transform" in encoder._modules
+        strategy = PrefixTuning(
+            num_virtual_tokens=encoder.num_virtual_tokens,
+            prefix_projection=projection,
+            encoder_hidden_size=encoder.transform[0].out_features if projection else None,
+        )
+    elif kinds == ["AdapterLayer"]:
+        strategy = _adapter_from_layers(layers, saved)
+    else:
+        raise ValueError(
+            f"cannot tell which strategy built the adapter {adapter_name!r} (layers: {kinds or 'none'}); "
+            "export it from its Lightning checkpoint, or adapt the model through the PEFT callback or "
+            "load_adapter, which record the strategy"
+        )
+    return _with_extra_trainables(strategy, model, adapter_name)
+
+
+def _lora_from_layers(layers: list[tuple[str, nn.Module]], saved: list[str] | None, model: nn.Module) -> LoRA:
+    settings = {(m.r, m.scaling, hasattr(m, "lora_magnitude_vector")) for _, m in layers}
+    # embeddings have no dropout (token ids are not dropped), so only the other layers tell
+    dropouts = {getattr(m.lora_dropout, "p", 0.0) for _, m in layers if not isinstance(m, LoRAEmbedding)}
+    if len(settings) > 1 or len(dropouts) > 1:
+        raise ValueError(
+            "the LoRA layers differ in rank, scaling, DoRA or dropout; export the model from its "
+            "checkpoint, which records its strategies"
+        )
+    ((r, scaling, dora),) = settings
+    return LoRA(
+        r=r,
+        lora_alpha=round(scaling * r, 6),  # the same scaling as whatever (lora_alpha, use_rslora) built it
+        lora_dropout=dropouts.pop() if dropouts else 0.0,
+        target_modules=[path for path, _ in layers],
+        modules_to_save=saved,
+        use_dora=dora,
+        bias=_lora_bias(model, [path for path, _ in layers]),
+    )
+
+
+def _lora_bias(model: nn.Module, lora_paths: list[str]) -> str:
+    adapters = set(adapter_parameter_names(model))
+    biases = [
+        clean_name(n)
+        for n, p in model.named_parameters()
+        if p.requires_grad and n not in adapters and n.rsplit(".", 1)[-1] == "bias"
+    ]
+    if not biases:
+        return "none"
+    own = {f"{path}.base_layer.bias" for path in lora_paths}
+    return (
+        "lora_only" if all(canonical_name(b) in {canonical_name(o) for o in own} for b in biases) else "all"
+    )
+
+
+def _adapter_from_layers(layers: list[tuple[str, nn.Module]], saved: list[str] | None) -> Adapter:
+    names = {cls: name for name, cls in _ACTIVATIONS.items()}
+    settings = {
+        (
+            m.adapter_up_weight.shape[0] // m.adapter_down_weight.shape[0],
+            names.get(type(m.act), "relu"),
+            m.residual,
+        )
+        for _, m in layers
+        if isinstance(m, AdapterLayer)
+    }
+    if len(settings) > 1:
+        raise ValueError(
+            "the bottleneck adapters differ in size or activation; export them from a checkpoint"
+        )
+    ((factor, activation, residual),) = settings
+    return Adapter(
+        reduction_factor=factor,
+        non_linearity=activation,
+        residual=residual,
+        target_modules=[path for path, _ in layers],
+        modules_to_save=saved,
+    )
+
+
+def _with_extra_trainables(strategy: PEFTStrategy, model: nn.Module, adapter_name: str) -> PEFTStrategy:
+    """Add a ``Freeze`` for trainable base tensors that no adapter owns (other than LoRA's biases)."""
+    if len(adapter_names(model)) > 1:
+        return strategy  # a named adapter of several: only its own tensors are exported
+    adapters = set(adapter_parameter_names(model))
+    extra = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad
+        and n not in adapters
+        and not (isinstance(strategy, LoRA) and strategy.bias != "none" and n.endswith("bias"))
+    ]
+    if not extra:
+        return strategy
+    owners = sorted({canonical_name(n.rpartition(".")[0]) for n in extra})
+    return Compose([strategy, Freeze(trainable_modules=owners)])
