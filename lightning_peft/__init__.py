@@ -1,8 +1,9 @@
 """lightning_peft: parameter-efficient fine-tuning for PyTorch Lightning, as callbacks."""
 
-from lightning_peft.callbacks import PEFT, CurriculumSchedule
+from lightning_peft.callbacks import PEFT, CurriculumSchedule, MultiTaskSchedule
 from lightning_peft.checkpoint import load_from_checkpoint
 from lightning_peft.formats import ExportResult, export_adapter, export_merged, load_adapter, read_adapter
+from lightning_peft.mixing import MultiTaskLoader, TaskSampler
 from lightning_peft.strategies import (
     IA3,
     Adapter,
@@ -28,6 +29,9 @@ from lightning_peft.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MultiTaskLoader",
+    "MultiTaskSchedule",
+    "TaskSampler",
     "CurriculumSchedule",
     "IA3",
     "Adapter",

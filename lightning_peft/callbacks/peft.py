@@ -172,6 +172,14 @@ class PEFT(Callback):
         self._report(pl_module, target, trainer)
         return True
 
+    def record_parameters(self, pl_module: pl.LightningModule) -> None:
+        """Take note of the module's parameters as they are now (call it before DDP/FSDP wraps the model).
+
+        The checkpoint check accepts exactly these tensors; other callbacks that add adapters after the
+        strategy (multi-task schedules) call this so that their adapters resume too.
+        """
+        self._shapes = {clean_name(n): tuple(p.shape) for n, p in pl_module.named_parameters()}
+
     def _install_hooks(self, pl_module: pl.LightningModule) -> None:
         if getattr(pl_module, _HOOKED_ATTR, False):
             return
