@@ -111,11 +111,11 @@ class SequenceData(L.LightningDataModule):
             raise ValueError("SequenceData is misconfigured:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters()
 
-    def _make(self, n: int, seed: int) -> torch.Tensor:
+    def _make(self, n: int, seed: int, step: int = 1) -> torch.Tensor:
         h = self.hparams
         g = torch.Generator().manual_seed(seed)
         starts = torch.randint(0, h.vocab_size - 3, (n, 1), generator=g)  # (n, 1)
-        return 3 + (starts + torch.arange(h.length)) % (h.vocab_size - 3)  # (n, length)
+        return 3 + (starts + step * torch.arange(h.length)) % (h.vocab_size - 3)  # (n, length)
 
     def setup(self, stage: str) -> None:
         self.train = self._make(self.hparams.train_size, self.hparams.seed)
@@ -126,3 +126,36 @@ class SequenceData(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=self.hparams.batch_size)
+
+
+class MultiTaskSequenceData(SequenceData):
+    """Two tasks that conflict on the same inputs: counting up (task ``up``) and down (task ``down``).
+
+    The train loader is a :class:`~lightning_peft.MultiTaskLoader` (for ``MultiTaskSchedule``); the
+    validation loaders are a dict keyed by task, so each is validated with its own adapter.
+    """
+
+    TASKS = {"up": 1, "down": -1}
+
+    def __init__(self, *args, sampling: str = "round_robin", temperature: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sampling = sampling
+        self.temperature = temperature
+
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        self.train = {t: self._make(h.train_size, h.seed, step) for t, step in self.TASKS.items()}
+        self.val = {t: self._make(h.val_size, h.seed + 1, step) for t, step in self.TASKS.items()}
+
+    def train_dataloader(self):
+        from lightning_peft.mixing import MultiTaskLoader
+
+        loaders = {
+            t: DataLoader(d, batch_size=self.hparams.batch_size, shuffle=True) for t, d in self.train.items()
+        }
+        return MultiTaskLoader(
+            loaders, sampling=self.sampling, temperature=self.temperature, seed=self.hparams.seed
+        )
+
+    def val_dataloader(self) -> dict[str, DataLoader]:
+        return {t: DataLoader(d, batch_size=self.hparams.batch_size) for t, d in self.val.items()}

