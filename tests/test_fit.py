@@ -137,3 +137,17 @@ def test_the_default_job_runs_with_no_choices_made(tmp_path):
     record = json.loads((run / "metrics.json").read_text())
     assert record["metrics"]["global_step"] == 3 and "val_acc" in record["metrics"]
     assert (Path(record["adapter"]) / "adapter_model.safetensors").is_file()
+
+
+def test_the_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "optuna"
+    args = ["hparams_search=optuna", *QUICK, "trainer.max_epochs=1", "hydra.sweeper.n_trials=2"]
+    result = fit(*args, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = (sweep / "optimization_results.yaml").read_text()
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 2 and "best_value" in best
+    assert min(float(r["val_loss"]) for r in rows) == pytest.approx(
+        float(best.split("best_value:")[1].split()[0])
+    )
