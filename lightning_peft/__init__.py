@@ -1,6 +1,15 @@
 """lightning_peft: parameter-efficient fine-tuning for PyTorch Lightning, as callbacks."""
 
-from lightning_peft.callbacks import PEFT, CurriculumSchedule, MultiTaskSchedule
+from lightning_peft.callbacks import (
+    PEFT,
+    AdapterRegularization,
+    CurriculumSchedule,
+    Distillation,
+    LayerwiseLR,
+    MultiTaskSchedule,
+    NEFTune,
+    layerwise_param_groups,
+)
 from lightning_peft.checkpoint import load_from_checkpoint
 from lightning_peft.formats import ExportResult, export_adapter, export_merged, load_adapter, read_adapter
 from lightning_peft.mixing import MultiTaskLoader, TaskSampler
@@ -29,6 +38,11 @@ from lightning_peft.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterRegularization",
+    "Distillation",
+    "LayerwiseLR",
+    "NEFTune",
+    "layerwise_param_groups",
     "MultiTaskLoader",
     "MultiTaskSchedule",
     "TaskSampler",
