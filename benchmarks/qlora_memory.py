@@ -26,8 +26,9 @@ import time
 import torch
 import transformers
 
-from lightning_peft.strategies.lora import LoRALinear, dense_weight, quantized_kind
+from lightning_peft.strategies.lora import LoRALinear
 from lightning_peft.strategies.qlora import QLoRA, quantized_weight_bytes
+from lightning_peft.strategies.quantized import dense_weight, quantized_kind
 
 SETTINGS = [
     ("nf4", True),

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.strategies.base import PEFTStrategy, require_grad_from_input_embeddings
+from lightning_peft.strategies.lora_autograd import _DoRAScale, _DroppedLoRA, _FusedLoRALinear
 from lightning_peft.strategies.modules_to_save import (
     frozen_copy_prefixes,
     select_modules_to_save,
@@ -184,6 +185,29 @@ class _LoRABase(nn.Module):
             norm = (self.base_weight() + self.delta_weight()).flatten(1).norm(dim=1)
         return self.lora_magnitude_vector / norm
 
+    def _dora_row_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W + s B A|| per output row without building ``W + s B A`` (a no-grad constant).
+
+        ``||w_i + s b_i A||² = ||w_i||² + 2 s b_i·(A w_i) + s² b_i (A Aᵀ) b_iᵀ``: one skinny product
+        ``W Aᵀ`` (out × r) instead of an out × in sum, and ``||W||²`` is cached until the base weight
+        changes (merge, unmerge, an in-place edit or a new base layer: its version counter moves).
+        """
+        with torch.no_grad():
+            weight = weight.flatten(1)  # (out, in): the base weight as base_weight() gives it
+            stored = self.inner_layer().weight  # a quantized weight's dequantized copy is new each call
+            key = (id(stored), stored.data_ptr(), stored._version)
+            if getattr(self, "_weight_sq_key", None) != key:
+                self._weight_sq = weight.float().square().sum(dim=1)  # (out,)
+                self._weight_sq_key = key
+            a = self.lora_A.flatten(1)  # (r, in)
+            w_at = (weight @ a.to(weight.dtype).T).float()  # (out, r)
+            a, b = a.float(), self.lora_B.flatten(1).float()  # b: (out, r)
+            cross = (b * w_at).sum(dim=1)
+            update = ((b @ (a @ a.T)) * b).sum(dim=1)
+            s = self.scaling
+            squared = self._weight_sq + 2 * s * cross + s * s * update
+            return squared.clamp_min(0).sqrt()  # (out,) float32
+
 
 class LoRALinear(_LoRABase):
     """LoRA (and DoRA) around an ``nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out``)."""
@@ -212,6 +236,7 @@ class LoRALinear(_LoRABase):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **kwargs))
         _init_pair(self.lora_A, self.lora_B, init_lora_weights, r)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.dropout_p = float(lora_dropout)  # applied by _DroppedLoRA, which saves the mask as bits
         if use_dora:
             with torch.no_grad():
                 norm = self.base_weight().float().norm(dim=1).to(kwargs["dtype"])
@@ -222,21 +247,35 @@ class LoRALinear(_LoRABase):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.lora_dropout(x.to(self.lora_A.dtype))
-        return F.linear(F.linear(x, self.lora_A), self.lora_B * self.scaling)  # (..., out)
+        x = x.to(self.lora_A.dtype)
+        if self.dropout_p > 0 and self.training:
+            return _DroppedLoRA.apply(x, self.lora_A, self.lora_B, self.scaling, self.dropout_p)
+        # scaling the (..., r) hidden rather than B: autograd then saves nothing larger than peft does
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)  # (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)  # (..., out)
         if self.merged or not self.enabled:
-            return result
+            return self.base_layer(x)
+        base = self.base_layer
+        if (
+            type(base) is nn.Linear
+            and not (self.training and self.dropout_p > 0)
+            and x.dtype == base.weight.dtype == self.lora_A.dtype
+            and not (base._forward_hooks or base._forward_pre_hooks)
+        ):
+            return _FusedLoRALinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling)
+        # a quantized, hooked or stacked base, a Conv1D, mixed dtypes or dropout: the layers as they are
+        result = base(x)  # (..., out)
         return result + self._lora(x).to(result.dtype)
 
     def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return self.base_layer(x)
         # a dequantized base weight may come back in another dtype than x (LLM.int8 gives float32)
-        base = F.linear(x, self.base_weight().to(x.dtype))  # (..., out), bias added last
-        result = self._dora_gain().to(base.dtype) * (base + self._lora(x).to(base.dtype))
+        weight = self.base_weight()
+        base = F.linear(x, weight.to(x.dtype))  # (..., out), bias added last
+        norm = self._dora_row_norm(weight)
+        result = _DoRAScale.apply(base + self._lora(x).to(base.dtype), self.lora_magnitude_vector, norm)
         bias = self.bias
         return result if bias is None else result + bias
 

@@ -1,0 +1,282 @@
+"""LoRA's fast paths give the straightforward formulation's numbers: dropout that saves its mask as
+bits instead of saving the dropped input, DoRA's row norm without building ``W + s B A``, and
+DoRA's magnitude gradient from the saved output. Plus the activation bytes they were written for."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama
+from torch import nn
+
+from lightning_peft.strategies import LoRA, LoRALinear
+from lightning_peft.strategies.lora_autograd import _pack_bits, _unpack_bits
+
+IN, OUT, RANK, ALPHA = 16, 12, 4, 8.0
+SCALE = ALPHA / RANK
+
+
+def _layer(**lora: object) -> LoRALinear:
+    torch.manual_seed(0)
+    settings = {"r": RANK, "lora_alpha": ALPHA, "target_modules": ["0"], "init_lora_weights": False}
+    settings.update(lora)
+    model = LoRA(**settings).apply(nn.Sequential(nn.Linear(IN, OUT)))
+    return model[0]
+
+
+def _input(requires_grad: bool = True) -> torch.Tensor:
+    x = torch.randn(3, 5, IN, generator=torch.Generator().manual_seed(1))
+    return x.requires_grad_(requires_grad)
+
+
+def _grads(out: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    return torch.autograd.grad((out * weights).sum(), tensors)
+
+
+def _saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+    """Bytes autograd saves during one forward: each storage once, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in params:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids)
+    return sum(storages.values())
+
+
+# ------------------------------------------------------------------------------------ fused, no dropout
+
+
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen-base", "trainable-base-and-bias"])
+def test_fused_lora_outputs_and_gradients_match_the_straightforward_formulation(train_base: bool) -> None:
+    layer = _layer().train()
+    W, b, A, B = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B
+    W.requires_grad_(train_base)
+    b.requires_grad_(train_base)
+    x = _input()
+    tensors = (x, A, B, W, b) if train_base else (x, A, B)
+    got = layer(x)
+    assert type(got.grad_fn).__name__.startswith("_FusedLoRALinear")
+    expected = F.linear(x, W, b) + SCALE * F.linear(F.linear(x, A), B)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(_grads(got, *tensors), _grads(expected, *tensors), strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_a_hook_on_the_base_layer_still_runs() -> None:
+    layer = _layer()
+    calls = []
+    layer.base_layer.register_forward_hook(lambda *args: calls.append(1))
+    x = _input()
+    W, b, A, B = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B
+    torch.testing.assert_close(layer(x), F.linear(x, W, b) + SCALE * F.linear(F.linear(x, A), B))
+    assert calls == [1]
+
+
+# --------------------------------------------------------------------------------------------- dropout
+
+
+def test_dropout_outputs_and_gradients_match_the_straightforward_formulation() -> None:
+    layer = _layer(lora_dropout=0.3).train()
+    x = _input()
+    torch.manual_seed(7)
+    got = layer(x)
+    got_grads = _grads(got, x, layer.lora_A, layer.lora_B)
+    W, b, A, B = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B
+    torch.manual_seed(7)  # nn.Dropout's draw from the same state
+    expected = F.linear(x, W, b) + SCALE * F.linear(F.linear(F.dropout(x, 0.3, training=True), A), B)
+    expected_grads = _grads(expected, x, A, B)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_mask_drops_about_p_and_scales_the_rest() -> None:
+    layer = _layer(lora_dropout=0.25).train()
+    with torch.no_grad():  # A = identity-like probe: the hidden reads x through the mask
+        layer.lora_A.zero_()
+        layer.lora_A[0, 0] = 1.0
+        layer.lora_B.zero_()
+        layer.lora_B[0, 0] = 1.0 / SCALE
+    x = torch.ones(20000, IN)
+    update = (layer(x) - layer.base_layer(x))[:, 0].detach()  # the mask on x[:, 0], times 1 / 0.75
+    dropped = (update == 0).float().mean().item()
+    assert abs(dropped - 0.25) < 0.015
+    torch.testing.assert_close(update[update != 0], torch.full_like(update[update != 0], 1 / 0.75))
+
+
+def test_dropout_masks_are_reproducible_from_the_seed_and_differ_between_steps() -> None:
+    layer = _layer(lora_dropout=0.5).train()
+    x = _input(requires_grad=False)
+    torch.manual_seed(3)
+    first, second = layer(x), layer(x)
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), first)
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 16), (7, 3)], ids=["multiple-of-8", "padded"])
+def test_packed_mask_round_trips(shape: tuple[int, ...]) -> None:
+    mask = torch.empty(shape).bernoulli_(0.5, generator=torch.Generator().manual_seed(0))
+    packed = _pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(_unpack_bits(packed, mask.shape, mask.dtype), mask)
+
+
+def test_dropout_is_off_in_eval_mode() -> None:
+    layer = _layer(lora_dropout=0.5).eval()
+    x = _input(requires_grad=False)
+    W, b, A, B = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B
+    torch.testing.assert_close(layer(x), F.linear(x, W, b) + SCALE * F.linear(F.linear(x, A), B))
+
+
+def test_backward_uses_the_forward_mask_whatever_runs_in_between() -> None:
+    layer = _layer(lora_dropout=0.3).train()
+    x = _input()
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(999)  # anything run between forward and backward must not change the mask
+    torch.rand(100)
+    got = _grads(out, x, layer.lora_A)
+    torch.manual_seed(7)
+    expected = _grads(layer(x), x, layer.lora_A)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+# ------------------------------------------------------------------------------------------------ DoRA
+
+
+def _dora_layer(**extra: object) -> LoRALinear:
+    layer = _layer(use_dora=True, **extra)
+    with torch.no_grad():
+        layer.lora_magnitude_vector.uniform_(0.5, 1.5)
+    return layer
+
+
+def _dora_reference(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    W, b, A, B, m = (
+        layer.base_layer.weight,
+        layer.base_layer.bias,
+        layer.lora_A,
+        layer.lora_B,
+        layer.lora_magnitude_vector,
+    )
+    norm = (W + SCALE * B @ A).norm(dim=1).detach()  # a constant for autograd (DoRA sec. 4.3)
+    return m / norm * (F.linear(x, W) + SCALE * F.linear(F.linear(x, A), B)) + b
+
+
+def test_dora_row_norm_matches_the_norm_of_the_built_weight() -> None:
+    layer = _dora_layer()
+    W = layer.base_layer.weight
+    expected = (W + SCALE * layer.lora_B @ layer.lora_A).norm(dim=1)
+    torch.testing.assert_close(layer._dora_row_norm(layer.base_weight()), expected.detach())
+
+
+def test_dora_row_norm_follows_in_place_changes_of_the_base_weight() -> None:
+    layer = _dora_layer()
+    layer._dora_row_norm(layer.base_weight())  # fills the cache of ||W||^2
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(2.0)
+    expected = (layer.base_layer.weight + SCALE * layer.lora_B @ layer.lora_A).norm(dim=1)
+    torch.testing.assert_close(layer._dora_row_norm(layer.base_weight()), expected.detach())
+
+
+@pytest.mark.parametrize("zero_magnitude", [False, True], ids=["magnitude", "zero-magnitude"])
+def test_dora_outputs_and_gradients_match_the_straightforward_formulation(zero_magnitude: bool) -> None:
+    layer = _dora_layer()
+    if zero_magnitude:  # the output cannot give the sum back on this row: the sum itself is saved
+        with torch.no_grad():
+            layer.lora_magnitude_vector[3] = 0.0
+    x = _input()
+    params = (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
+    got = layer(x)
+    got_grads = _grads(got, *params)
+    expected = _dora_reference(layer, x)
+    expected_grads = _grads(expected, *params)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_with_dropout_matches_the_straightforward_formulation() -> None:
+    layer = _dora_layer(lora_dropout=0.2).train()
+    x = _input()
+    params = (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
+    torch.manual_seed(5)
+    got = layer(x)
+    got_grads = _grads(got, *params)
+    W, b, A, B, m = (layer.base_layer.weight, layer.base_layer.bias, *params[1:])
+    norm = (W + SCALE * B @ A).norm(dim=1).detach()
+    torch.manual_seed(5)
+    dropped = F.dropout(x, 0.2, training=True)
+    expected = m / norm * (F.linear(x, W) + SCALE * F.linear(F.linear(dropped, A), B)) + b
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got_grads, _grads(expected, *params), strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_merge_and_unmerge_keep_outputs_with_the_cached_norm() -> None:
+    layer = _dora_layer()
+    x = _input(requires_grad=False)
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge()
+        layer.unmerge()  # the base weight moved twice: the cached ||W||^2 must follow
+        torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- saved activations
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _ours(**lora: object) -> nn.Module:
+    return LoRA(r=4, lora_alpha=8, **lora).apply(tiny_llama()).train()
+
+
+def test_lora_saves_no_more_activations_than_peft(ids: torch.Tensor) -> None:
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
+    theirs.enable_input_require_grads()
+    assert _saved_bytes(_ours(), ids) <= _saved_bytes(theirs.train(), ids)
+
+
+def test_lora_dropout_saves_no_dropped_copies(ids: torch.Tensor) -> None:
+    assert _saved_bytes(_ours(lora_dropout=0.1), ids) <= 1.05 * _saved_bytes(_ours(), ids)
+
+
+def test_dora_saves_less_than_the_straightforward_formulation(ids: torch.Tensor) -> None:
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
+    )
+    theirs.enable_input_require_grads()
+    ours = _ours(use_dora=True)
+    assert _saved_bytes(ours, ids) < _saved_bytes(theirs.train(), ids)
+
+
+def test_a_changed_deep_copy_of_a_dora_model_recomputes_its_norm_cache(ids: torch.Tensor) -> None:
+    model = _ours(use_dora=True).eval()
+    with torch.no_grad():
+        model(ids)
+        twin = copy.deepcopy(model)
+        for p in twin.parameters():
+            if not p.requires_grad:
+                p.mul_(1.5)
+        layer = twin.model.layers[0].self_attn.q_proj
+        W = layer.base_layer.weight
+        reference = (W + layer.scaling * layer.lora_B @ layer.lora_A).norm(dim=1)
+        torch.testing.assert_close(layer._dora_row_norm(layer.base_weight()), reference)
