@@ -112,6 +112,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics_file.write_text(json.dumps(record, indent=2) + "\n")
         log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         log.info("wrote %s, %s and %s", final, out / "adapter", metrics_file)
+        # training curves next to metrics.json, drawn from Lightning's CSV log
+        csv_log = Path(trainer.logger.log_dir) / "metrics.csv"
+        if csv_log.is_file():
+            from lightning_peft.plotting import write_curves
+
+            log.info("wrote %s", write_curves(csv_log, out / "curves.png"))
     return metrics
 
 
