@@ -42,7 +42,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import PEFT, resolve_module
+from lightning_peft.callbacks.peft import PEFT, missing_module_error, resolve_module
 from lightning_peft.strategies.freeze import find_blocks
 from lightning_peft.strategies.modules_to_save import frozen_copy_prefixes
 from lightning_peft.strategies.named import adapter_names, set_active_adapters
@@ -240,11 +240,7 @@ class CurriculumSchedule(Callback):
         """
         target = resolve_module(pl_module, self.module)
         if target is None or not any(True for _ in target.parameters()):
-            children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
-            raise ValueError(
-                f"CurriculumSchedule(module={self.module!r}) found no model after setup() and configure_model(); "
-                f"submodules of {type(pl_module).__name__}: {children}"
-            )
+            raise missing_module_error("CurriculumSchedule", self.module, pl_module)
         baseline = getattr(target, _BASELINE_ATTR, None)
         if baseline is None:  # the first fit: later ones find the phase parameters requiring grad already
             baseline = frozenset(n for n, p in target.named_parameters() if p.requires_grad)

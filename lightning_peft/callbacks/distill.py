@@ -27,7 +27,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_peft.callbacks import loss_terms
-from lightning_peft.callbacks.peft import resolve_module
+from lightning_peft.callbacks.peft import missing_module_error, resolve_module
 from lightning_peft.strategies.base import adapter_modules, disable_adapters
 
 
@@ -159,11 +159,7 @@ class Distillation(Callback):
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
         target = resolve_module(pl_module, self.module)
         if target is None:
-            children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
-            raise ValueError(
-                f"Distillation(module={self.module!r}) found no such submodule; submodules of "
-                f"{type(pl_module).__name__}: {children}"
-            )
+            raise missing_module_error("Distillation", self.module, pl_module)
         return target
 
     def _teach(self, target: nn.Module, inputs: tuple[Any, ...], kw: dict[str, Any]) -> Any:

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import resolve_module
+from lightning_peft.callbacks.peft import missing_module_error, resolve_module
 
 
 def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.Module]:
@@ -125,10 +125,7 @@ class LayerwiseLR(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         target = resolve_module(pl_module, self.module)
         if target is None:
-            children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
-            raise ValueError(
-                f"LayerwiseLR(module={self.module!r}) found no such submodule; submodules: {children}"
-            )
+            raise missing_module_error("LayerwiseLR", self.module, pl_module)
         params = dict(target.named_parameters())
         scales = {id(params[n]): s for n, s in layer_scales(target, self.decay, self.blocks).items()}
         scheduled = {id(config.scheduler.optimizer) for config in trainer.lr_scheduler_configs}

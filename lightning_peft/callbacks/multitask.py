@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import _APPLIED_ATTR, PEFT, resolve_module
+from lightning_peft.callbacks.peft import _APPLIED_ATTR, PEFT, missing_module_error, resolve_module
 from lightning_peft.mixing import MultiTaskLoader
 from lightning_peft.strategies.base import DEFAULT_ADAPTER, PEFTStrategy, adapter_modules, count_parameters
 from lightning_peft.strategies.compose import as_strategy
@@ -206,11 +206,7 @@ class MultiTaskSchedule(Callback):
         target = resolve_module(pl_module, self.module)
         if target is None or not any(True for _ in target.parameters()):
             if required:
-                children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
-                raise ValueError(
-                    f"MultiTaskSchedule(module={self.module!r}) found no model to adapt after setup() and "
-                    f"configure_model(); submodules of {type(pl_module).__name__}: {children}"
-                )
+                raise missing_module_error("MultiTaskSchedule", self.module, pl_module)
             return False
         missing = [n for n in self.adapters if n not in adapter_names(target)]
         if not missing or self.strategy is None:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import resolve_module
+from lightning_peft.callbacks.peft import missing_module_error, resolve_module
 
 
 class _RecordMask:
@@ -134,11 +134,7 @@ class NEFTune(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         target = resolve_module(pl_module, self.module)
         if target is None:
-            children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
-            raise ValueError(
-                f"NEFTune(module={self.module!r}) found no such submodule; submodules of "
-                f"{type(pl_module).__name__}: {children}"
-            )
+            raise missing_module_error("NEFTune", self.module, pl_module)
         self.attach(target)
 
     @override

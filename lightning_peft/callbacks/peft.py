@@ -49,6 +49,15 @@ def resolve_module(pl_module: nn.Module, path: str | None) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
+def missing_module_error(owner: str, path: str | None, pl_module: nn.Module) -> ValueError:
+    """The error for a ``module=`` path that names nothing (yet): it lists the submodules that exist."""
+    children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
+    return ValueError(
+        f"{owner}(module={path!r}) found no model after setup() and configure_model(); "
+        f"submodules of {type(pl_module).__name__}: {children}"
+    )
+
+
 class PEFT(Callback):
     """Apply a :class:`~lightning_peft.PEFTStrategy` to the LightningModule (or one of its submodules).
 
@@ -145,11 +154,7 @@ class PEFT(Callback):
         target = resolve_module(pl_module, self.module)
         if target is None or not any(True for _ in target.parameters()):
             if required:
-                children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
-                raise ValueError(
-                    f"PEFT(module={self.module!r}) found no model to adapt after setup() and configure_model(); "
-                    f"submodules of {type(pl_module).__name__}: {children}"
-                )
+                raise missing_module_error("PEFT", self.module, pl_module)
             return False
         config = self.strategy.to_config()
         applied = getattr(target, _APPLIED_ATTR, None)
