@@ -5,6 +5,7 @@ from lightning_peft.callbacks import (
     AdapterRegularization,
     CurriculumSchedule,
     Distillation,
+    Evaluation,
     LayerwiseLR,
     MultiTaskSchedule,
     NEFTune,
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterRegularization",
     "Distillation",
+    "Evaluation",
     "LayerwiseLR",
     "NEFTune",
     "layerwise_param_groups",

@@ -2,6 +2,7 @@
 
 from lightning_peft.callbacks.curriculum import CurriculumSchedule, Phase
 from lightning_peft.callbacks.distill import Distillation
+from lightning_peft.callbacks.evaluation import Evaluation
 from lightning_peft.callbacks.layerwise_lr import LayerwiseLR, layerwise_param_groups
 from lightning_peft.callbacks.multitask import MultiTaskSchedule
 from lightning_peft.callbacks.noise import NEFTune
@@ -13,6 +14,7 @@ __all__ = [
     "AdapterRegularization",
     "CurriculumSchedule",
     "Distillation",
+    "Evaluation",
     "LayerwiseLR",
     "MultiTaskSchedule",
     "NEFTune",

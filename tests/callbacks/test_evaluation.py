@@ -1,0 +1,169 @@
+"""Evaluation: metrics equal hand computations, base comparison, generation scores and samples."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, tiny_llama
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_peft import PEFT, LoRA
+from lightning_peft.callbacks.evaluation import Evaluation
+
+
+class Features(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch["x"]), batch["labels"]))
+
+
+def feature_batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        {"x": torch.randn(8, 6, generator=g), "labels": torch.randint(0, 3, (8,), generator=g)}
+        for _ in range(3)
+    ]
+
+
+def validate(module, callbacks, data) -> dict[str, float]:
+    trainer = L.Trainer(
+        callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (metrics,) = trainer.validate(module, DataLoader(data, batch_size=None), verbose=False)
+    return metrics
+
+
+def hand_accuracy_and_f1(model: nn.Module, batches) -> tuple[float, float]:
+    with torch.no_grad():
+        preds = torch.cat([model(b["x"]).argmax(-1) for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    f1s = []
+    for c in range(3):
+        tp = ((preds == c) & (labels == c)).sum().item()
+        fp = ((preds == c) & (labels != c)).sum().item()
+        fn = ((preds != c) & (labels == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return (preds == labels).float().mean().item(), sum(f1s) / 3
+
+
+def test_accuracy_and_f1_equal_a_hand_computation():
+    module, batches = Features(), feature_batches()
+    metrics = validate(module, [Evaluation(metrics=["accuracy", "f1"], num_classes=3)], batches)
+    accuracy, f1 = hand_accuracy_and_f1(module.model, batches)
+    assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert metrics["f1"] == pytest.approx(f1, abs=1e-6)
+
+
+def test_compare_base_logs_the_metrics_of_the_unadapted_model():
+    module, batches = Features(), feature_batches()
+    base_accuracy, _ = hand_accuracy_and_f1(module.model, batches)
+    callbacks = [
+        PEFT(LoRA(r=2, target_modules=["model"], init_lora_weights=False)),
+        Evaluation(metrics=["accuracy"], num_classes=3, compare_base=True),
+    ]
+    metrics = validate(module, callbacks, batches)
+    adapted_accuracy, _ = hand_accuracy_and_f1(module, batches)
+    assert metrics["base/accuracy"] == pytest.approx(base_accuracy, abs=1e-6)
+    assert metrics["accuracy"] == pytest.approx(adapted_accuracy, abs=1e-6)
+
+
+class LM(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(**batch, labels=batch["input_ids"]).loss)
+
+
+def test_perplexity_is_exp_of_the_mean_next_token_nll():
+    module = LM()
+    g = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(3, VOCAB, (2, 9), generator=g)} for _ in range(2)]
+    metrics = validate(module, [Evaluation(metrics=["perplexity"], module="model")], batches)
+    with torch.no_grad():
+        nll = [
+            F.cross_entropy(
+                module.model(**b).logits[:, :-1].reshape(-1, VOCAB),
+                b["input_ids"][:, 1:].reshape(-1),
+                reduction="sum",
+            )
+            for b in batches
+        ]
+    tokens = sum(b["input_ids"][:, 1:].numel() for b in batches)
+    assert metrics["perplexity"] == pytest.approx(torch.exp(sum(nll) / tokens).item(), rel=1e-4)
+
+
+class Echo(nn.Module):
+    """A stand-in generator: answers every prompt with fixed token ids."""
+
+    def __init__(self, answer: list[int]) -> None:
+        super().__init__()
+        self.answer = answer
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, max_new_tokens, do_sample):
+        return torch.cat([input_ids, torch.tensor([self.answer])], dim=1)
+
+
+class WordTokenizer:
+    words = ["<pad>", "the", "cat", "sat", "on", "mat", "dog"]
+
+    def __call__(self, text, return_tensors):
+        return {"input_ids": torch.tensor([[self.words.index(w) for w in text.split()]])}
+
+    def decode(self, ids, skip_special_tokens):
+        return " ".join(self.words[i] for i in ids.tolist())
+
+
+class Holder(L.LightningModule):
+    def __init__(self, answer: list[int]) -> None:
+        super().__init__()
+        self.model = Echo(answer)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.tensor(0.0))
+
+
+@pytest.mark.parametrize(("answer", "perfect"), [([4, 1, 5, 1, 2], True), ([6, 6, 6, 6, 6], False)])
+def test_generation_scores_rouge_and_bleu_and_writes_samples(tmp_path, answer, perfect):
+    evaluation = Evaluation(
+        metrics=[],
+        module="model",
+        prompts=["the cat sat", "the dog sat"],
+        references=["on the mat the cat", "on the mat the cat"],
+        tokenizer=WordTokenizer(),
+        samples_file="samples.jsonl",
+    )
+    trainer = L.Trainer(
+        callbacks=[evaluation], logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    (metrics,) = trainer.validate(
+        Holder(answer), DataLoader([{"x": torch.zeros(1)}], batch_size=None), verbose=False
+    )
+    if perfect:
+        assert metrics["rougeL"] == pytest.approx(1.0) and metrics["bleu"] == pytest.approx(1.0)
+    else:
+        assert metrics["rougeL"] < 1.0 and metrics["bleu"] < 1.0
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["generated"] for s in samples] == [WordTokenizer().decode(torch.tensor(answer), True)] * 2
+
+
+def test_bad_configuration_lists_every_problem():
+    with pytest.raises(ValueError) as err:
+        Evaluation(metrics=["bleu-4", "f1"], prompts=["a"], max_new_tokens=0)
+    message = str(err.value)
+    assert "unknown metric 'bleu-4'" in message and "num_classes" in message and "references" in message
+    assert "tokenizer" in message and "max_new_tokens" in message
