@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_peft.callbacks.peft import missing_module_error, resolve_module
+from lightning_peft.strategies.base import input_embeddings_of
 
 
 class _RecordMask:
@@ -59,14 +60,8 @@ class _AddNoise:
 def input_embeddings(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(the Hugging Face model that owns the input embeddings, the embedding module), outermost first."""
     for owner in model.modules():
-        get_input = getattr(owner, "get_input_embeddings", None)
-        if not callable(get_input):
-            continue
-        try:
-            embeddings = get_input()
-        except (AttributeError, NotImplementedError):
-            continue
-        if isinstance(embeddings, nn.Module):
+        embeddings = input_embeddings_of(owner)
+        if embeddings is not None:
             return owner, embeddings
     raise ValueError(
         f"NEFTune found no model with get_input_embeddings() in {type(model).__name__}; it needs a Hugging Face "

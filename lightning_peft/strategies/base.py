@@ -232,6 +232,18 @@ def _numel(param: torch.Tensor) -> int:
     return param.numel()
 
 
+def input_embeddings_of(module: nn.Module) -> nn.Module | None:
+    """``module.get_input_embeddings()`` when it has one that returns a module (Hugging Face models)."""
+    getter = getattr(module, "get_input_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        found = getter()
+    except (AttributeError, NotImplementedError):
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
 class _OutputRequiresGrad:
     """Forward hook: a frozen module's output requires grad (a class, so that models still pickle)."""
 
@@ -249,14 +261,8 @@ def require_grad_from_input_embeddings(model: nn.Module) -> None:
     calls. Costs one extra gradient (the first block's input); calling it again adds no second hook.
     """
     for module in model.modules():
-        get_input = getattr(module, "get_input_embeddings", None)
-        if not callable(get_input):
-            continue
-        try:
-            embeddings = get_input()
-        except (AttributeError, NotImplementedError):
-            continue
-        if isinstance(embeddings, nn.Module) and not any(
+        embeddings = input_embeddings_of(module)
+        if embeddings is not None and not any(
             isinstance(hook, _OutputRequiresGrad) for hook in embeddings._forward_hooks.values()
         ):
             embeddings.register_forward_hook(_OutputRequiresGrad())

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_peft.strategies.base import PEFTStrategy
+from lightning_peft.strategies.base import PEFTStrategy, input_embeddings_of
 from lightning_peft.strategies.targeting import describe_modules, validation_error
 
 PROMPT_ATTR = "prompt_encoder"
@@ -57,20 +57,9 @@ PREFIX_ATTR = "prefix_encoder"
 _CACHE_MARK = "_lightning_peft_virtual_tokens"
 
 
-def _input_embeddings(module: nn.Module) -> nn.Module | None:
-    getter = getattr(module, "get_input_embeddings", None)
-    if not callable(getter):
-        return None
-    try:
-        found = getter()
-    except (AttributeError, NotImplementedError):
-        return None
-    return found if isinstance(found, nn.Module) else None
-
-
 def _embedding_weight(module: nn.Module) -> torch.Tensor | None:
     """The ``(vocab, hidden)`` weight of ``module``'s input embeddings, looking through a LoRA wrapper."""
-    embedding = _input_embeddings(module)
+    embedding = input_embeddings_of(module)
     weight = getattr(embedding, "weight", None)
     if weight is None:
         weight = getattr(getattr(embedding, "base_layer", None), "weight", None)
@@ -84,7 +73,9 @@ def _accepts(module: nn.Module, name: str) -> bool:
 def find_language_model(model: nn.Module, owner: str, needs_cache: bool = False) -> nn.Module:
     """The outermost module of ``model`` with input embeddings (and, if asked, a ``past_key_values`` input)."""
     for _, module in model.named_modules():
-        if _input_embeddings(module) is not None and (not needs_cache or _accepts(module, "past_key_values")):
+        if input_embeddings_of(module) is not None and (
+            not needs_cache or _accepts(module, "past_key_values")
+        ):
             return module
     need = "and attention that reads a past_key_values cache " if needs_cache else ""
     raise ValueError(
@@ -284,7 +275,7 @@ class PromptTuning(PEFTStrategy):
 
     def inject(self, model: nn.Module) -> None:
         target = find_language_model(model, "PromptTuning")
-        embedding, weight = _input_embeddings(target), _embedding_weight(target)
+        embedding, weight = input_embeddings_of(target), _embedding_weight(target)
         if weight is None:
             raise ValueError(f"PromptTuning cannot read the weight of {type(embedding).__name__}")
         vocab, hidden = weight.shape
