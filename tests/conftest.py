@@ -71,3 +71,23 @@ def minilm_path() -> Path:
 @pytest.fixture
 def token_ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def char_tok():
+    """A character-level tokenizer (101 tokens: pad 0, bos 1, eos 2, unk 3) for tiny causal LMs."""
+    from lightning_peft.tokenizer import char_tokenizer
+
+    return char_tokenizer()
+
+
+def tiny_char_llama(seed: int = 0) -> nn.Module:
+    """A tiny Llama whose vocabulary fits ``char_tok`` (101 tokens)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
