@@ -1,7 +1,13 @@
 """PEFT methods as pure-PyTorch strategies; nothing here imports Lightning."""
 
 from lightning_peft.strategies.adapter import Adapter, AdapterLayer
-from lightning_peft.strategies.base import AdapterModule, PEFTStrategy, disable_adapters, strategy_from_config
+from lightning_peft.strategies.base import (
+    AdapterModule,
+    PEFTStrategy,
+    disable_adapters,
+    reset_adapters,
+    strategy_from_config,
+)
 from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.freeze import Freeze
 from lightning_peft.strategies.ia3 import IA3, IA3Linear
@@ -18,7 +24,7 @@ from lightning_peft.strategies.named import (
 )
 from lightning_peft.strategies.prompt import PrefixTuning, PromptTuning
 from lightning_peft.strategies.qlora import QLoRA
-from lightning_peft.strategies.state import load_trainable_state_dict, trainable_state_dict
+from lightning_peft.strategies.state import load_base_weights, load_trainable_state_dict, trainable_state_dict
 
 __all__ = [
     "IA3",
@@ -45,7 +51,9 @@ __all__ = [
     "load_adapter_state_dict",
     "set_active_adapters",
     "disable_adapters",
+    "reset_adapters",
     "load_trainable_state_dict",
+    "load_base_weights",
     "strategy_from_config",
     "trainable_state_dict",
 ]

@@ -205,6 +205,28 @@ def strategy_from_config(data: dict[str, Any]) -> PEFTStrategy:
     return cls.from_config_dict(data.get("config", {}))
 
 
+def reset_adapters(model: nn.Module) -> int:
+    """Initialise every adapter layer of ``model`` that can (``reset_parameters``); returns how many.
+
+    For the large-model path: build the model on the ``meta`` device, ``strategy.apply`` it there
+    (no memory), materialise it (``model.to_empty(device=...)``), load the base weights, then call
+    this so the adapters start where they would have on a real model (LoRA: ``B A = 0``).
+
+    Example::
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        LoRA(r=16, target_modules="all-linear").apply(model)
+        model.to_empty(device="cpu")
+        load_base_weights(model, base_state_dict)   # lightning_peft.strategies.state
+        reset_adapters(model)
+    """
+    layers = [m for m in model.modules() if isinstance(m, AdapterModule) and hasattr(m, "reset_parameters")]
+    for layer in layers:
+        layer.reset_parameters()
+    return len(layers)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each shared tensor counted once.
 

@@ -83,9 +83,12 @@ class _LoRABase(nn.Module):
     base_layer: nn.Module
     scaling: float
 
-    def _setup(self, base_layer: nn.Module, r: int, lora_alpha: float, use_rslora: bool) -> None:
+    def _setup(
+        self, base_layer: nn.Module, r: int, lora_alpha: float, use_rslora: bool, init: InitLoRA
+    ) -> None:
         self.base_layer = base_layer
         self.r = r
+        self.init_lora_weights = init
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.merged = False
         self.enabled = True
@@ -95,6 +98,25 @@ class _LoRABase(nn.Module):
 
     def set_adapter_enabled(self, enabled: bool) -> None:
         self.enabled = enabled
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the adapter as at construction: ``B A = 0`` and DoRA's magnitude ``||W||``.
+
+        For a model adapted on the ``meta`` device and materialised later (``to_empty``, FSDP's
+        per-module ``reset_parameters``): call it once the base weights are loaded, as DoRA's
+        magnitude is read from them. :func:`~lightning_peft.strategies.base.reset_adapters` does
+        it for a whole model.
+        """
+        a, b = self.adapter_pair()
+        _init_pair(a, b, self.init_lora_weights, self.r, a_is_zero=isinstance(self, LoRAEmbedding))
+        if hasattr(self, "lora_magnitude_vector"):
+            norm = self.base_weight().float().flatten(1).norm(dim=1)
+            self.lora_magnitude_vector.copy_(norm)
+
+    def adapter_pair(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """``(A, B)``: the down- and up-projection."""
+        return self.lora_A, self.lora_B
 
     def inner_layer(self) -> nn.Module:
         """The original layer, below any other named adapters stacked on it."""
@@ -223,7 +245,7 @@ class LoRALinear(_LoRABase):
         init_lora_weights: InitLoRA = True,
     ) -> None:
         super().__init__()
-        self._setup(base_layer, r, lora_alpha, use_rslora)
+        self._setup(base_layer, r, lora_alpha, use_rslora, init_lora_weights)
         inner = inner_layer(base_layer)
         self.fan_in_fan_out = is_conv1d(inner)
         weight = base_layer.weight
@@ -292,12 +314,15 @@ class LoRAEmbedding(_LoRABase):
         init_lora_weights: InitLoRA = True,
     ) -> None:
         super().__init__()
-        self._setup(base_layer, r, lora_alpha, use_rslora)
+        self._setup(base_layer, r, lora_alpha, use_rslora, init_lora_weights)
         num_embeddings, embedding_dim = base_layer.weight.shape
         kwargs = {"device": base_layer.weight.device, "dtype": _adapter_dtype(base_layer.weight)}
         self.lora_embedding_A = nn.Parameter(torch.empty(r, num_embeddings, **kwargs))
         self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, **kwargs))
         _init_pair(self.lora_embedding_A, self.lora_embedding_B, init_lora_weights, r, a_is_zero=True)
+
+    def adapter_pair(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lora_embedding_A, self.lora_embedding_B
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling  # (num_embeddings, dim)
@@ -329,7 +354,7 @@ class LoRAConv2d(_LoRABase):
         init_lora_weights: InitLoRA = True,
     ) -> None:
         super().__init__()
-        self._setup(base_layer, r, lora_alpha, use_rslora)
+        self._setup(base_layer, r, lora_alpha, use_rslora, init_lora_weights)
         weight = base_layer.weight  # (out, in, kh, kw)
         kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
         self.lora_A = nn.Parameter(torch.empty(r, *weight.shape[1:], **kwargs))

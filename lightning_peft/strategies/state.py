@@ -107,3 +107,44 @@ def load_trainable_state_dict(
     if problems:
         raise ValueError(f"{source} does not fit this model:\n  - " + "\n  - ".join(problems))
     model.load_state_dict(dict(state), strict=False)
+
+
+_WRAPPING_LINKS = (".base_layer", ".trained", ".original")  # adapter layers and ModuleToSave
+
+
+def base_name(name: str) -> str:
+    """``q_proj.base_layer.weight`` -> ``q_proj.weight``: the name in the unadapted model."""
+    for link in _WRAPPING_LINKS:
+        name = name.replace(link + ".", ".")
+    return name
+
+
+def load_base_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy the *unadapted* model's weights (``state``, keyed as the base model names them) into an
+    adapted ``model``; returns the adapter tensors the base cannot fill (to initialise with
+    :func:`~lightning_peft.strategies.base.reset_adapters`).
+
+    The way to adapt a model too large to build twice: create it on the ``meta`` device, apply the
+    strategy there, ``to_empty`` it, then load the base checkpoint with this. Raises ``ValueError``
+    naming every base tensor that is missing from ``state`` or has another shape; nothing is copied then.
+    """
+    adapter = set(adapter_parameter_names(model))
+    mapped: dict[str, torch.Tensor] = {}
+    problems, left = [], []
+    for name, tensor in model.state_dict().items():
+        source = state.get(base_name(name))
+        if source is None:
+            if name in adapter:
+                left.append(name)
+            else:
+                problems.append(f"{base_name(name)} is missing")
+        elif tuple(source.shape) != tuple(tensor.shape):
+            problems.append(
+                f"{base_name(name)} has shape {tuple(source.shape)}, the model {tuple(tensor.shape)}"
+            )
+        else:
+            mapped[name] = source
+    if problems:
+        raise ValueError(f"the base weights do not fit this model: {_first(problems)}")
+    model.load_state_dict(mapped, strict=False)
+    return left
