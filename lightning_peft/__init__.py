@@ -14,6 +14,7 @@ from lightning_peft.callbacks import (
 from lightning_peft.checkpoint import load_from_checkpoint
 from lightning_peft.formats import ExportResult, export_adapter, export_merged, load_adapter, read_adapter
 from lightning_peft.mixing import MultiTaskLoader, TaskSampler
+from lightning_peft.planning import MemoryPlan, plan
 from lightning_peft.strategies import (
     IA3,
     Adapter,
@@ -31,7 +32,9 @@ from lightning_peft.strategies import (
     delete_adapter,
     disable_adapters,
     load_adapter_state_dict,
+    load_base_weights,
     load_trainable_state_dict,
+    reset_adapters,
     set_active_adapters,
     trainable_state_dict,
 )
@@ -76,4 +79,8 @@ __all__ = [
     "load_trainable_state_dict",
     "read_adapter",
     "trainable_state_dict",
+    "MemoryPlan",
+    "plan",
+    "reset_adapters",
+    "load_base_weights",
 ]
