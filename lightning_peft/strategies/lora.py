@@ -281,12 +281,14 @@ class LoRALinear(_LoRABase):
         base = self.base_layer
         if (
             type(base) is nn.Linear
-            and not (self.training and self.dropout_p > 0)
             and x.dtype == base.weight.dtype == self.lora_A.dtype
             and not (base._forward_hooks or base._forward_pre_hooks)
         ):
-            return _FusedLoRALinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling)
-        # a quantized, hooked or stacked base, a Conv1D, mixed dtypes or dropout: the layers as they are
+            p = self.dropout_p if self.training else 0.0
+            return _FusedLoRALinear.apply(
+                x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, p
+            )
+        # a quantized, hooked or stacked base, a Conv1D or mixed dtypes: the layers as they are
         result = base(x)  # (..., out)
         return result + self._lora(x).to(result.dtype)
 

@@ -1,99 +1,140 @@
 """Custom autograd functions behind LoRA's hot paths (see ``benchmarks/README.md`` for the numbers).
 
-- :class:`_FusedLoRALinear`: ``W x + b + s B (A x)`` for a dense ``nn.Linear`` base, adding the update
-  into the base output in place in forward and backward (no extra output-sized sums).
-- :class:`_DroppedLoRA`: the dropout branch; it keeps ``x`` and the dropout mask packed one bit per
-  element (1/32 of a float32 copy) and rebuilds the dropped input in backward.
+- :class:`_FusedLoRALinear`: ``W x + b + s B A dropout(x)`` for a dense ``nn.Linear`` base, adding the
+  update into the base output in place in forward and backward (no extra output-sized sums).
+- :class:`_DroppedLoRA`: the dropout branch of the other layers; like the fused one it keeps ``x`` and
+  the dropout mask packed one bit per element (1/32 of a float32 copy) and rebuilds the dropped
+  input in backward.
+- :func:`keep_mask`: dropout masks from 16-bit uniform numbers, four per 64-bit draw.
 - :class:`_DoRAScale`: DoRA's ``m / ||W + s B A||`` scaling; it saves the layer output and recovers the
   unscaled sum in backward instead of saving a second output-sized tensor.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-_BITS = (1, 2, 4, 8, 16, 32, 64, 128)
+_GATHER = 0x0102040810204080  # times eight 0/1 bytes (one int64): byte i's bit lands on bit 56 + i
+_SPREAD = 0x0101010101010101  # times a byte: that byte in all eight
+_SELECT = 0x8040201008040201 - (1 << 64)  # then byte i keeps bit i (as a signed int64 constant)
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A 0/1 tensor as one bit per element (uint8, eight elements a byte, zero-padded)."""
+    """A 0/1 (bool or numeric) tensor as one bit per element: uint8, eight elements a byte, zero-padded.
+
+    Eight mask bytes read as one int64 and multiplied by ``_GATHER`` carry their eight bits in the
+    product's top byte: one multiply and one shift per eight elements instead of a sum over a dim.
+    """
     flat = mask.flatten().to(torch.uint8)
     flat = F.pad(flat, (0, -flat.numel() % 8))
-    bits = torch.tensor(_BITS, dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8) * bits).sum(dim=1, dtype=torch.uint8)
+    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
 
 
-def _unpack_bits(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    bits = torch.tensor(_BITS, dtype=torch.uint8, device=packed.device)
-    flat = packed.unsqueeze(1).bitwise_and(bits).ne(0).flatten()
+def _unpack_bits(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    spread = (packed.to(torch.int64) * _SPREAD) & _SELECT  # (bytes,) int64: one mask bit in each byte
+    flat = spread.view(torch.uint8).ne(0)
     return flat[: shape.numel()].view(shape).to(dtype)
 
 
+def keep_mask(
+    shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, float]:
+    """Dropout's keep mask (bool, ``shape``) and the probability it keeps, from the default generator.
+
+    Four 16-bit uniform numbers come out of each 64-bit draw, so this costs about a fifth of
+    ``bernoulli_`` on the CPU. ``p`` is rounded to a multiple of 1/65536 (0.05 -> 0.0500031); the
+    returned keep probability is the exact one, for the ``1 / keep`` of inverted dropout.
+    """
+    numel = math.prod(shape)
+    threshold = round(p * 65536)
+    words = torch.empty(-(-numel // 4), dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    uniform = words.view(torch.int16)[:numel].view(shape)  # uniform over [-32768, 32767]
+    return uniform >= threshold - 32768, (65536 - threshold) / 65536
+
+
 class _DroppedLoRA(torch.autograd.Function):
-    """``s · B A dropout(x)`` that keeps no dropped copy of ``x`` for backward.
+    """``s · B A dropout(x)`` that keeps no dropped copy of ``x`` for backward (for the unfused path:
+    Conv1D, quantized or hooked bases, DoRA).
 
     Autograd would save, for every adapted layer, ``dropout(x)`` (the size of ``x``) and its mask; the
     q, k and v projections read one ``x`` but each drops it on its own, so that is three copies. Here
     backward rebuilds ``dropout(x)`` from ``x`` (kept anyway for ``A``'s gradient, and shared by the
     projections reading the same tensor) and the mask, saved as one bit per element: 1/32 of a
-    float32 copy. Redrawing the mask from a saved random state would save even that, but on the CPU
-    a Bernoulli draw costs about three times packing and unpacking the bits. The mask is the one
-    ``nn.Dropout`` draws on the CPU (same generator, same draws); each layer's mask is independent,
-    as in peft.
+    float32 copy. Each layer draws its own mask (:func:`keep_mask`), as in peft.
     """
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, scaling, p):  # type: ignore[override]
-        keep = 1.0 - p
-        mask = torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(keep)  # F.dropout's draw
-        # the 1 / keep of inverted dropout goes on the (..., r) hidden, not on the (..., in) input
-        hidden = F.linear(x * mask, lora_a) * (scaling / keep)  # (..., r)
-        ctx.save_for_backward(x, lora_a, lora_b, hidden, _pack_bits(mask))
-        ctx.scale = scaling / keep
+        keep, keep_p = keep_mask(x.shape, p, x.device)
+        # the 1 / keep_p of inverted dropout goes on the (..., r) hidden, not on the (..., in) input
+        hidden = F.linear(x * keep, lora_a) * (scaling / keep_p)  # (..., r)
+        ctx.save_for_backward(x, lora_a, lora_b, hidden, _pack_bits(keep))
+        ctx.scale = scaling / keep_p
         return F.linear(hidden, lora_b)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, lora_a, lora_b, hidden, packed = ctx.saved_tensors
-        mask = _unpack_bits(packed, x.shape, x.dtype)
-        grad_hidden = (grad_out @ lora_b) * ctx.scale  # (..., r), with 1 / keep
+        keep = _unpack_bits(packed, x.shape)
+        grad_hidden = (grad_out @ lora_b) * ctx.scale  # (..., r), with 1 / keep_p
         grad_b = grad_out.flatten(0, -2).T @ hidden.flatten(0, -2) if ctx.needs_input_grad[2] else None
         grad_a = None
         if ctx.needs_input_grad[1]:
-            grad_a = grad_hidden.flatten(0, -2).T @ (x * mask).flatten(0, -2)  # (r, in)
-        grad_x = (grad_hidden @ lora_a).mul_(mask) if ctx.needs_input_grad[0] else None
+            grad_a = grad_hidden.flatten(0, -2).T @ (x * keep).flatten(0, -2)  # (r, in)
+        grad_x = (grad_hidden @ lora_a).mul_(keep) if ctx.needs_input_grad[0] else None
         return grad_x, grad_a, grad_b, None, None
 
 
 class _FusedLoRALinear(torch.autograd.Function):
-    """``x Wᵀ + b + (s x Aᵀ) Bᵀ`` as one node: the update is added into the base output in place
-    (``addmm_``), and in backward the adapter's input gradient into the base's, instead of autograd
-    allocating a sum for each. Saves ``x`` and the ``(..., r)`` hidden, as the unfused form does."""
+    """``x Wᵀ + b + (s · dropout(x) Aᵀ) Bᵀ`` as one node for a dense ``nn.Linear`` base.
+
+    The update is added into the base output in place (``addmm_``), and in backward the adapter's
+    input gradient into the base's, instead of autograd allocating a sum for each. Saves ``x`` and
+    the ``(..., r)`` hidden, as the unfused form does, plus with dropout (``p > 0``) the keep mask as
+    bits (see :class:`_DroppedLoRA`); ``p = 0`` is plain LoRA.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p):  # type: ignore[override]
         rows = x.reshape(-1, x.shape[-1])  # (N, in)
-        hidden = (rows @ lora_a.T).mul_(scaling)  # (N, r)
+        packed = None
+        if p > 0:
+            keep, keep_p = keep_mask(rows.shape, p, x.device)
+            scaling = scaling / keep_p  # inverted dropout's 1 / keep_p, on the (N, r) hidden
+            hidden = ((rows * keep) @ lora_a.T).mul_(scaling)  # (N, r)
+            packed = _pack_bits(keep)
+        else:
+            hidden = (rows @ lora_a.T).mul_(scaling)  # (N, r)
         out = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)  # (N, out)
         out.addmm_(hidden, lora_b.T)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, hidden)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, packed)
         ctx.scaling, ctx.has_bias = scaling, bias is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, weight, lora_a, lora_b, hidden = ctx.saved_tensors
+        x, weight, lora_a, lora_b, hidden, packed = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         rows = x.reshape(-1, x.shape[-1])
+        keep = None if packed is None else _unpack_bits(packed, rows.shape)
+        dropped = rows if keep is None else rows * keep
         grad_hidden = (grad @ lora_b).mul_(ctx.scaling)  # (N, r)
-        need_x, need_w, need_b, need_a, need_lora_b, _ = ctx.needs_input_grad
-        grad_x = (grad @ weight).addmm_(grad_hidden, lora_a).view_as(x) if need_x else None
+        need_x, need_w, need_b, need_a, need_lora_b, _, _ = ctx.needs_input_grad
+        grad_x = None
+        if need_x:
+            if keep is None:
+                grad_x = (grad @ weight).addmm_(grad_hidden, lora_a)
+            else:
+                grad_x = (grad @ weight).addcmul_(grad_hidden @ lora_a, keep)
+            grad_x = grad_x.view_as(x)
         grad_w = grad.T @ rows if need_w else None
         grad_bias = grad.sum(dim=0) if need_b and ctx.has_bias else None
-        grad_a = grad_hidden.T @ rows if need_a else None
+        grad_a = grad_hidden.T @ dropped if need_a else None
         grad_b = grad.T @ hidden if need_lora_b else None
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
 class _DoRAScale(torch.autograd.Function):

@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from lightning_peft.strategies import LoRA, LoRAConv2d, LoRAEmbedding, LoRALinear, disable_adapters
 from lightning_peft.strategies.base import adapter_parameter_names, strategy_from_config
 from lightning_peft.strategies.lora import LORA_LAYERS
+from lightning_peft.strategies.lora_autograd import keep_mask
 
 IN, OUT, RANK, ALPHA = 8, 6, 2, 6.0
 SCALE = ALPHA / RANK  # 3.0, computed by hand rather than read from the layer
@@ -164,8 +165,14 @@ def test_lora_dropout_in_train_mode_drops_only_the_adapter_input(kind: str) -> N
     x = _input(kind)
     torch.manual_seed(123)
     got = model(x)
-    torch.manual_seed(123)  # the same seed draws the same mask
-    mask = F.dropout(torch.ones_like(x), p=0.5, training=True)
+    torch.manual_seed(
+        123
+    )  # the same seed draws the same mask: LoRA's own for linear layers, nn.Dropout's for convs
+    if kind == "conv2d":
+        mask = F.dropout(torch.ones_like(x), p=0.5, training=True)
+    else:
+        keep, keep_p = keep_mask(x.shape, 0.5)
+        mask = keep / keep_p
     assert (mask == 0).any() and (mask == 2).any()
     W, b, A, B = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B
     if kind == "linear":

@@ -14,7 +14,7 @@ from conftest import tiny_llama
 from torch import nn
 
 from lightning_peft.strategies import LoRA, LoRALinear
-from lightning_peft.strategies.lora_autograd import _pack_bits, _unpack_bits
+from lightning_peft.strategies.lora_autograd import _pack_bits, _unpack_bits, keep_mask
 
 IN, OUT, RANK, ALPHA = 16, 12, 4, 8.0
 SCALE = ALPHA / RANK
@@ -85,19 +85,37 @@ def test_a_hook_on_the_base_layer_still_runs() -> None:
 # --------------------------------------------------------------------------------------------- dropout
 
 
-def test_dropout_outputs_and_gradients_match_the_straightforward_formulation() -> None:
+@pytest.mark.parametrize("path", ["fused", "unfused"])
+def test_dropout_outputs_and_gradients_match_the_straightforward_formulation(path: str) -> None:
     layer = _layer(lora_dropout=0.3).train()
+    if path == "unfused":  # a hook on the base layer takes the general path (_DroppedLoRA)
+        layer.base_layer.register_forward_hook(lambda *args: None)
     x = _input()
     torch.manual_seed(7)
     got = layer(x)
+    name = type(got.grad_fn).__name__ if path == "fused" else type(got.grad_fn.next_functions[1][0]).__name__
+    assert name.startswith("_FusedLoRALinear" if path == "fused" else "_DroppedLoRA")
     got_grads = _grads(got, x, layer.lora_A, layer.lora_B)
     W, b, A, B = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B
-    torch.manual_seed(7)  # nn.Dropout's draw from the same state
-    expected = F.linear(x, W, b) + SCALE * F.linear(F.linear(F.dropout(x, 0.3, training=True), A), B)
+    torch.manual_seed(7)  # the same draw from the same state
+    keep, keep_p = keep_mask(x.shape, 0.3)
+    expected = F.linear(x, W, b) + SCALE * F.linear(F.linear(x * keep / keep_p, A), B)
     expected_grads = _grads(expected, x, A, B)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for g, e in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_keep_mask_drops_p_of_the_elements_uniformly() -> None:
+    torch.manual_seed(0)
+    keep, keep_p = keep_mask((4, 250_000), 0.05)
+    assert keep.dtype == torch.bool and keep_p == (65536 - 3277) / 65536  # p rounded to 1/65536
+    dropped = 1 - keep.float().mean(dim=1)  # each row: 250k draws, std 0.0004
+    assert ((dropped - 0.05).abs() < 0.002).all()
+    lanes = 1 - keep.flatten().view(-1, 4).float().mean(dim=0)  # the four 16-bit lanes of each draw
+    assert ((lanes - 0.05).abs() < 0.002).all()
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask((4, 250_000), 0.05)[0], keep)
 
 
 def test_dropout_mask_drops_about_p_and_scales_the_rest() -> None:
@@ -218,7 +236,8 @@ def test_dora_with_dropout_matches_the_straightforward_formulation() -> None:
     W, b, A, B, m = (layer.base_layer.weight, layer.base_layer.bias, *params[1:])
     norm = (W + SCALE * B @ A).norm(dim=1).detach()
     torch.manual_seed(5)
-    dropped = F.dropout(x, 0.2, training=True)
+    keep, keep_p = keep_mask(x.shape, 0.2)
+    dropped = x * keep / keep_p
     expected = m / norm * (F.linear(x, W) + SCALE * F.linear(F.linear(dropped, A), B)) + b
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for g, e in zip(got_grads, _grads(expected, *params), strict=True):
