@@ -1,4 +1,4 @@
-"""The ``lightning-peft`` command: one subcommand per task (``export`` now; ``fit``, ``generate`` later).
+"""The ``lightning-peft`` command: one subcommand per task (``fit``, ``export``, ``generate``).
 
 Each subcommand is a :class:`Command`: a name, a help line, a function that adds its arguments to an
 ``argparse`` parser, and a function that runs it and returns an exit code. A command that composes a
@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lightning_peft.formats.peft_layout import TASK_TYPES
+from lightning_peft.generate import GENERATE_DESCRIPTION, add_generate_arguments, run_generate
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_CODES = (
@@ -168,6 +169,13 @@ COMMANDS: tuple[Command, ...] = (
         _add_export_arguments,
         _run_export,
         EXPORT_DESCRIPTION,
+    ),
+    Command(
+        "generate",
+        "generate text with a model, a base + adapter, or a base + checkpoint (stop strings, banned/forced words)",
+        add_generate_arguments,
+        run_generate,
+        GENERATE_DESCRIPTION,
     ),
 )
 

@@ -1,0 +1,376 @@
+"""``lightning-peft generate`` and its API on a tiny character-level Llama trained to repeat a sentence:
+banned, forced and stop words change what it writes; every way of loading an adapter writes what the
+adapted model writes in-process; the command's output, streaming and exit codes."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+
+import lightning as L
+import peft
+import pytest
+import torch
+from conftest import tiny_char_llama
+
+from lightning_peft import PEFT, LoRA, export_adapter, export_merged
+from lightning_peft.cli import main
+from lightning_peft.generate import (
+    GenerationSettings,
+    generate,
+    load_for_generation,
+    read_prompts,
+    word_token_ids,
+)
+from lightning_peft.tokenizer import char_tokenizer
+
+BASE_TEXT = "the cat sat on the mat. " * 4
+ADAPTER_TEXT = "the dog ran to the log. " * 4
+
+
+def _fit(model: torch.nn.Module, text: str, steps: int, lr: float) -> None:
+    ids = torch.tensor([char_tokenizer()(text)["input_ids"]])
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+class CharLM(L.LightningModule):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=3e-2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A base that writes BASE_TEXT, a LoRA checkpoint (PEFT callback) that writes ADAPTER_TEXT, and the
+    folders exported from it."""
+    folder = tmp_path_factory.mktemp("generate")
+    tokenizer = char_tokenizer()
+    base = tiny_char_llama()
+    _fit(base, BASE_TEXT, steps=150, lr=1e-2)
+    base.save_pretrained(folder / "base")
+    tokenizer.save_pretrained(folder / "base")
+    module = CharLM(copy.deepcopy(base))
+    batch = torch.tensor([tokenizer(ADAPTER_TEXT)["input_ids"]])
+    trainer = L.Trainer(
+        max_steps=40,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            PEFT(LoRA(r=4, target_modules=["q_proj", "v_proj", "o_proj"]), module="model", verbose=False)
+        ],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader([batch[0]] * 40, batch_size=1))
+    trainer.save_checkpoint(folder / "adapter.ckpt")
+    export_adapter(folder / "adapter.ckpt", folder / "peft_adapter")
+    export_adapter(folder / "adapter.ckpt", folder / "native_adapter", format="lightning_peft")
+    export_merged(folder / "adapter.ckpt", folder / "merged", base=folder / "base")
+    return {"folder": folder, "base": base, "adapted": module.model.eval(), "tokenizer": tokenizer}
+
+
+def _greedy(model, tokenizer, prompts=("the ", "a d", "on "), **settings) -> list[str]:
+    settings = {"max_new_tokens": 24, **settings}
+    records = generate(model, tokenizer, list(prompts), GenerationSettings(**settings))
+    return [r["completion"] for r in records]
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+
+def test_settings_report_every_problem_at_once():
+    with pytest.raises(ValueError) as err:
+        GenerationSettings(do_sample=True, temperature=0, top_p=1.5, max_new_tokens=0, stop_strings=[""])
+    message = str(err.value)
+    for part in (
+        "temperature must be > 0 when sampling",
+        "top_p must be in (0, 1]",
+        "max_new_tokens",
+        "stop_strings",
+    ):
+        assert part in message
+
+
+def test_greedy_decoding_accepts_temperature_zero_and_several_completions_need_sampling():
+    assert GenerationSettings(temperature=0).temperature == 0
+    with pytest.raises(ValueError, match="num_return_sequences > 1 needs do_sample"):
+        GenerationSettings(num_return_sequences=2)
+    with pytest.raises(ValueError, match="both banned and forced"):
+        GenerationSettings(bad_words=["cat"], force_words=["cat"])
+
+
+def test_a_settings_file_builds_the_same_settings_here_and_with_hydra(tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    text = '_target_: lightning_peft.generate.GenerationSettings\nmax_new_tokens: 9\nstop_strings: ["\\n"]\n'
+    (tmp_path / "s.yaml").write_text(text)
+    ours = GenerationSettings.from_file(tmp_path / "s.yaml", seed=4, top_k=None)
+    assert ours == GenerationSettings(max_new_tokens=9, stop_strings=["\n"], seed=4)
+    assert instantiate(OmegaConf.load(tmp_path / "s.yaml"), _convert_="all") == GenerationSettings(
+        max_new_tokens=9, stop_strings=["\n"]
+    )
+
+
+def test_settings_file_with_an_unknown_key_names_the_known_ones(tmp_path):
+    (tmp_path / "s.yaml").write_text("temprature: 0.5\n")
+    with pytest.raises(
+        ValueError, match=r"unknown generation settings \['temprature'\]; known: max_new_tokens"
+    ):
+        GenerationSettings.from_file(tmp_path / "s.yaml")
+
+
+# -------------------------------------------------------------------------------------------- prompts
+
+
+def test_prompts_are_read_from_lines_or_jsonl_with_an_optional_formatter(tmp_path):
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond\n")
+    assert read_prompts(tmp_path / "p.txt") == ["first prompt", "second"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a\\nb", "q": "x"}\n{"prompt": "c", "q": "y"}\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["a\nb", "c"]
+    assert read_prompts(tmp_path / "p.jsonl", format_record=lambda r: f"Q: {r['q']}") == ["Q: x", "Q: y"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_prompts(tmp_path / "bad.jsonl")
+
+
+# ------------------------------------------------------------------------------- banned, stop, forced
+
+
+def test_a_banned_word_never_appears_in_sampled_completions(trained):
+    model, tokenizer = trained["base"], trained["tokenizer"]
+    sampled = {"do_sample": True, "temperature": 1.5, "num_return_sequences": 8, "seed": 0}
+    free = _greedy(model, tokenizer, **sampled)
+    assert sum("cat" in text for text in free) >= len(free) // 2  # the model writes it when allowed
+    banned = _greedy(model, tokenizer, bad_words=["cat"], **sampled)
+    assert len(banned) == 24 and not any("cat" in text for text in banned)
+
+
+def test_a_word_is_banned_alone_and_after_a_space():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(["cat sat on the cat mat"] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    forms = word_token_ids(tokenizer, "cat")
+    assert forms == [tokenizer("cat")["input_ids"], tokenizer(" cat")["input_ids"]]
+    assert len(forms) == 2 and forms[0] != forms[1] and all(len(form) == 1 for form in forms)
+
+
+def test_a_stop_string_ends_the_completion_just_before_it(trained):
+    model, tokenizer = trained["base"], trained["tokenizer"]
+    (free,) = generate(model, tokenizer, "the ", GenerationSettings(max_new_tokens=30))
+    assert free["completion"].startswith("cat sat on the mat.") and free["stop_reason"] == "length"
+    assert free["num_tokens"] == 30
+    (stopped,) = generate(
+        model, tokenizer, "the ", GenerationSettings(max_new_tokens=30, stop_strings=["mat", "."])
+    )
+    assert stopped["completion"] == "cat sat on the "
+    assert stopped["stop_reason"] == "stop_string" and stopped["stop_string"] == "mat"
+    assert stopped["num_tokens"] == len("cat sat on the mat")
+
+
+def test_forced_words_appear_with_greedy_decoding_and_sampling(trained):
+    model, tokenizer = trained["base"], trained["tokenizer"]
+    assert not any("dog" in text or "xyz" in text for text in _greedy(model, tokenizer))
+    forced = _greedy(model, tokenizer, force_words=["dog", "xyz"])
+    sampled = _greedy(model, tokenizer, force_words=["dog"], do_sample=True, num_return_sequences=4, seed=1)
+    assert all("dog" in text and "xyz" in text for text in forced)
+    assert all("dog" in text for text in sampled)
+    with pytest.raises(ValueError, match="more than max_new_tokens=4"):
+        _greedy(model, tokenizer, force_words=["dog", "xyz"], max_new_tokens=4)
+
+
+def test_a_stop_string_counts_only_after_the_forced_words(trained):
+    model, tokenizer = trained["base"], trained["tokenizer"]
+    settings = GenerationSettings(max_new_tokens=24, stop_strings=["."], force_words=["dog"])
+    (record,) = generate(model, tokenizer, "the ", settings)
+    text = record["completion"]
+    assert "." in text and "dog" in text  # the first "." came before "dog" and did not stop it
+    assert record["stop_reason"] in ("length", "stop_string")
+
+
+def test_the_same_seed_samples_the_same_text_and_leaves_the_global_random_state(trained):
+    model, tokenizer = trained["base"], trained["tokenizer"]
+    state = torch.get_rng_state()
+    settings = {"do_sample": True, "temperature": 2.0, "num_return_sequences": 4}
+    first = _greedy(model, tokenizer, seed=3, **settings)
+    assert _greedy(model, tokenizer, seed=3, **settings) == first
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_batched_prompts_give_the_completions_of_single_ones(trained):
+    model, tokenizer = trained["base"], trained["tokenizer"]
+    prompts = ["the ", "a long prompt: the ", "on "]
+    assert _greedy(model, tokenizer, prompts, batch_size=3) == _greedy(model, tokenizer, prompts)
+
+
+def test_streaming_writes_the_completion_as_it_grows_and_stops_before_the_stop_string(trained):
+    model, tokenizer = trained["base"], trained["tokenizer"]
+
+    class Chunks(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    out = Chunks()
+    settings = GenerationSettings(max_new_tokens=30, stop_strings=["on the mat"])
+    (record,) = generate(model, tokenizer, "the ", settings, stream=out)
+    assert out.getvalue() == record["completion"] + "\n" == "cat sat \n"
+    assert out.writes > 3
+
+
+# ----------------------------------------------------------------------------- loading an adapted model
+
+
+@pytest.mark.parametrize("source", ["peft_adapter", "native_adapter", "checkpoint", "merged"])
+def test_every_way_of_loading_the_adapter_writes_what_the_adapted_model_writes(trained, source):
+    folder = trained["folder"]
+    expected = _greedy(trained["adapted"], trained["tokenizer"])
+    assert expected != _greedy(trained["base"], trained["tokenizer"])  # the adapter changes the text
+    where = {
+        "peft_adapter": {"base": folder / "base", "adapter": folder / "peft_adapter"},
+        "native_adapter": {"base": folder / "base", "adapter": folder / "native_adapter"},
+        "checkpoint": {"base": folder / "base", "checkpoint": folder / "adapter.ckpt"},
+        "merged": {"model": folder / "merged"},
+    }[source]
+    model, tokenizer = load_for_generation(**where, device="cpu")
+    assert _greedy(model, tokenizer) == expected
+
+
+def test_an_adapter_saved_by_peft_loads_without_peft(trained, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
+        theirs = peft.get_peft_model(copy.deepcopy(trained["base"]), config).eval()
+        theirs.save_pretrained(tmp_path / "theirs")
+        expected = _greedy(theirs.merge_and_unload(), trained["tokenizer"])
+    model, tokenizer = load_for_generation(base=trained["folder"] / "base", adapter=tmp_path / "theirs")
+    assert _greedy(model, tokenizer) == expected
+
+
+def test_a_model_folder_without_a_tokenizer_asks_for_one(trained, tmp_path):
+    trained["base"].save_pretrained(tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match="--tokenizer DIR"):
+        load_for_generation(tmp_path / "bare")
+    model, tokenizer = load_for_generation(tmp_path / "bare", tokenizer=trained["folder"] / "base")
+    assert _greedy(model, tokenizer, ["the "]) == _greedy(trained["base"], trained["tokenizer"], ["the "])
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+
+def test_help_lists_generate_and_its_controls(capsys):
+    assert main(["--help"]) == 0
+    assert "generate" in capsys.readouterr().out
+    assert main(["generate", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--model DIR",
+        "--adapter DIR",
+        "--checkpoint CKPT",
+        "--stop TEXT",
+        "--ban WORD",
+        "--force WORD",
+    ):
+        assert option in text
+
+
+def test_command_writes_jsonl_with_config_and_flag_overrides(trained, tmp_path, capsys):
+    (tmp_path / "settings.yaml").write_text("max_new_tokens: 5\nstop_strings: ['mat']\nseed: 7\n")
+    out = tmp_path / "out" / "completions.jsonl"
+    argv = [
+        "generate",
+        "--model",
+        str(trained["folder"] / "merged"),
+        "--config",
+        str(tmp_path / "settings.yaml"),
+    ]
+    argv += [
+        "--prompt",
+        "the ",
+        "--prompt",
+        "on ",
+        "--max-new-tokens",
+        "30",
+        "--stop",
+        "\\n",
+        "--jsonl",
+        str(out),
+    ]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"wrote 2 completions to {out}" in captured.err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["the ", "on "]
+    assert set(records[0]) == {
+        "prompt",
+        "completion",
+        "num_tokens",
+        "stop_reason",
+        "stop_string",
+        "sequence",
+        "settings",
+    }
+    settings = records[0]["settings"]
+    assert settings["max_new_tokens"] == 30 and settings["stop_strings"] == ["\n"] and settings["seed"] == 7
+    assert records[0]["num_tokens"] == 30 and records[0]["stop_reason"] == "length"
+    assert [p.name for p in out.parent.iterdir()] == ["completions.jsonl"]  # no staging file left
+    assert main(argv) == 1 and "exists already" in capsys.readouterr().err
+
+
+def test_command_streams_completions_to_stdout(trained, capsys):
+    folder = trained["folder"]
+    argv = ["generate", "--base", str(folder / "base"), "--adapter", str(folder / "peft_adapter"), "--stream"]
+    assert main([*argv, "--max-new-tokens", "16", "the ", "on "]) == 0
+    expected = _greedy(trained["adapted"], trained["tokenizer"], ["the ", "on "], max_new_tokens=16)
+    assert capsys.readouterr().out == "".join(text + "\n" for text in expected)
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [
+        (["--model", "MISSING", "hi"], 1, "no model folder at"),
+        (["--model", "MERGED", "--do-sample", "--temperature", "0", "hi"], 2, "temperature must be > 0"),
+        (["--model", "MERGED", "--prompts", "MISSING.txt"], 1, "no prompt file at"),
+        (["--base", "BASE", "hi"], 2, "--base needs one of --adapter DIR or --checkpoint CKPT"),
+        (["--model", "MERGED"], 2, "no prompt"),
+        (
+            ["--model", "MERGED", "--stream", "--do-sample", "--num-return-sequences", "2", "hi"],
+            2,
+            "--stream",
+        ),
+    ],
+)
+def test_bad_input_exits_with_a_one_line_message(trained, tmp_path, capsys, extra, code, message):
+    names = {"MERGED": trained["folder"] / "merged", "BASE": trained["folder"] / "base"}
+    argv = [str(names[a]) if a in names else a.replace("MISSING", str(tmp_path / "missing")) for a in extra]
+    assert main(["generate", *argv]) == code
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("lightning-peft generate: error:") and message in err[-1]
+    assert not any(line.startswith(("Traceback", "  File")) for line in err)
