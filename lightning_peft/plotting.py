@@ -93,3 +93,129 @@ def write_curves(metrics_csv: Path, png: Path) -> Path:
     """
     Path(png).write_bytes(render(read_series(metrics_csv)))
     return Path(png)
+
+
+# A 3 x 5 pixel font (drawn at twice its size) for chart labels: digits, capitals, a few signs.
+_GLYPHS = {
+    "0": "###,#.#,#.#,#.#,###",
+    "1": ".#.,##.,.#.,.#.,###",
+    "2": "###,..#,###,#..,###",
+    "3": "###,..#,###,..#,###",
+    "4": "#.#,#.#,###,..#,..#",
+    "5": "###,#..,###,..#,###",
+    "6": "###,#..,###,#.#,###",
+    "7": "###,..#,..#,..#,..#",
+    "8": "###,#.#,###,#.#,###",
+    "9": "###,#.#,###,..#,###",
+    ".": "...,...,...,...,.#.",
+    "-": "...,...,###,...,...",
+    " ": "...,...,...,...,...",
+    "(": ".#.,#..,#..,#..,.#.",
+    ")": ".#.,..#,..#,..#,.#.",
+    "/": "..#,..#,.#.,#..,#..",
+    ":": "...,.#.,...,.#.,...",
+    "=": "...,###,...,###,...",
+    "+": "...,.#.,###,.#.,...",
+    "_": "...,...,...,...,###",
+    "A": ".#.,#.#,###,#.#,#.#",
+    "B": "##.,#.#,##.,#.#,##.",
+    "C": ".##,#..,#..,#..,.##",
+    "D": "##.,#.#,#.#,#.#,##.",
+    "E": "###,#..,##.,#..,###",
+    "F": "###,#..,##.,#..,#..",
+    "G": ".##,#..,#.#,#.#,.##",
+    "H": "#.#,#.#,###,#.#,#.#",
+    "I": "###,.#.,.#.,.#.,###",
+    "J": "..#,..#,..#,#.#,.#.",
+    "K": "#.#,#.#,##.,#.#,#.#",
+    "L": "#..,#..,#..,#..,###",
+    "M": "#.#,###,###,#.#,#.#",
+    "N": "##.,#.#,#.#,#.#,#.#",
+    "O": ".#.,#.#,#.#,#.#,.#.",
+    "P": "##.,#.#,##.,#..,#..",
+    "Q": ".#.,#.#,#.#,##.,.##",
+    "R": "##.,#.#,##.,#.#,#.#",
+    "S": ".##,#..,.#.,..#,##.",
+    "T": "###,.#.,.#.,.#.,.#.",
+    "U": "#.#,#.#,#.#,#.#,###",
+    "V": "#.#,#.#,#.#,#.#,.#.",
+    "W": "#.#,#.#,###,###,#.#",
+    "X": "#.#,#.#,.#.,#.#,#.#",
+    "Y": "#.#,#.#,.#.,.#.,.#.",
+    "Z": "###,..#,.#.,#..,###",
+}
+_SCALE = 2  # font pixels per glyph pixel
+_ADVANCE = 4 * _SCALE  # glyph width plus one column of space
+
+
+class _Canvas:
+    """White RGB pixels with the few drawing operations the charts need."""
+
+    def __init__(self, width: int, height: int) -> None:
+        self.width, self.height = width, height
+        self.pixels = [bytearray(b"\xff" * 3 * width) for _ in range(height)]
+
+    def rect(self, x0: int, y0: int, x1: int, y1: int, color: tuple[int, int, int]) -> None:
+        for y in range(max(y0, 0), min(y1, self.height)):
+            for x in range(max(x0, 0), min(x1, self.width)):
+                self.pixels[y][3 * x : 3 * x + 3] = bytes(color)
+
+    def text(self, x: int, y: int, text: str, color: tuple[int, int, int] = (0, 0, 0)) -> None:
+        for k, char in enumerate(text.upper()):
+            rows = _GLYPHS.get(char, _GLYPHS[" "]).split(",")
+            for gy, row in enumerate(rows):
+                for gx, cell in enumerate(row):
+                    if cell == "#":
+                        left, top = x + k * _ADVANCE + gx * _SCALE, y + gy * _SCALE
+                        self.rect(left, top, left + _SCALE, top + _SCALE, color)
+
+    def png(self) -> bytes:
+        return encode_png(self.pixels, self.width, self.height)
+
+
+def render_bars(
+    title: str,
+    groups: list[tuple[str, list[float | None]]],
+    series: list[tuple[str, tuple[int, int, int]]],
+    reference: float = 1.0,
+    width: int = 640,
+) -> bytes:
+    """A horizontal grouped bar chart as PNG bytes: one group of bars per label, one bar per series.
+
+    ``groups`` is ``[(label, [value per series or None]), ...]``; each bar is annotated with its
+    value, a dashed line marks ``reference`` (e.g. 1.0 = the frozen-model limit), and the legend
+    names the series under the title.
+
+    Example::
+
+        png = render_bars("STEP TIME / LIMIT", [("LORA", [1.07, 1.21]), ("DORA", [1.14, 1.56])],
+                          [("TIME", (31, 119, 180)), ("SAVED", (255, 127, 14))])
+    """
+    bar, gap, label_width = 12, 10, max(len(label) for label, _ in groups) * _ADVANCE + 12
+    top = 16 + 14 * (len(series) + 1)
+    height = top + len(groups) * (bar * len(series) + gap) + 10
+    canvas = _Canvas(width, height)
+    canvas.text(8, 6, title)
+    for k, (name, color) in enumerate(series):
+        canvas.rect(8, 20 + 14 * k, 18, 30 + 14 * k, color)
+        canvas.text(24, 20 + 14 * k, name)
+    values = [v for _, row in groups for v in row if v is not None]
+    longest = max([*values, reference]) * 1.08
+    left, right = label_width, width - 8 * _ADVANCE
+
+    def x_of(value: float) -> int:
+        return left + round((right - left) * value / longest)
+
+    y = top
+    for label, row in groups:
+        canvas.text(8, y + (bar * len(series) - 10) // 2, label)
+        for value, (_, color) in zip(row, series, strict=True):
+            if value is not None:
+                canvas.rect(left, y + 1, x_of(value), y + bar - 1, color)
+                canvas.text(x_of(value) + 4, y + 1, f"{value:.2f}")
+            y += bar
+        y += gap
+    for dash in range(top - 4, height - 6, 6):  # the reference line
+        canvas.rect(x_of(reference), dash, x_of(reference) + 1, dash + 3, AXIS)
+    canvas.rect(left, top - 4, left + 1, height - 6, AXIS)
+    return canvas.png()

@@ -58,3 +58,27 @@ def test_fit_with_early_stopping_stops_keeps_best_adapter_only_checkpoint_and_wr
            for i in [h.split(",").index("val_loss")] for r in rows if r.split(",")[i]]  # fmt: skip
     assert f"val_loss{min(val):.4f}" in best.name
     assert json.loads((run / "metrics.json").read_text())["metrics"]["global_step"] > 0
+
+
+def test_bar_lengths_are_proportional_to_the_values():
+    from lightning_peft.plotting import render_bars
+
+    blue, orange = (31, 119, 180), (255, 127, 14)
+    png = render_bars("T", [("A", [1.0, 2.0]), ("B", [0.5, None])], [("X", blue), ("Y", orange)])
+    width, height, rows = _decode(png)
+
+    def run_of(color: tuple[int, int, int]) -> list[int]:
+        """Length of the longest horizontal run of ``color`` in each row that has one."""
+        pixel = bytes(color)
+        lengths = []
+        for row in rows:
+            xs = [x for x in range(width) if row[3 * x : 3 * x + 3] == pixel]
+            if len(xs) > 20:  # a bar, not a legend box
+                lengths.append(len(xs))
+        return sorted(set(lengths))
+
+    blue_runs, orange_runs = run_of(blue), run_of(orange)  # (the dashed line may cut a pixel off)
+    short, long, orange_bar = min(blue_runs), max(blue_runs), max(orange_runs)
+    assert abs(long / short - 2.0) < 0.05  # 1.0 vs 0.5
+    assert abs(orange_bar / long - 2.0) < 0.05  # 2.0 vs 1.0
+    assert orange_bar - min(orange_runs) <= 1  # one orange bar only: B has no second value
