@@ -36,7 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.strategies.base import PEFTStrategy, require_grad_from_input_embeddings
-from lightning_peft.strategies.lora_autograd import _DoRAScale, _DroppedLoRA, _FusedLoRALinear
+from lightning_peft.strategies.lora_autograd import (
+    _DoRAScale,
+    _DroppedLoRA,
+    _FusedDoRALinear,
+    _FusedLoRALinear,
+)
 from lightning_peft.strategies.modules_to_save import (
     frozen_copy_prefixes,
     select_modules_to_save,
@@ -49,6 +54,7 @@ from lightning_peft.strategies.targeting import (
     inner_layer,
     is_conv1d,
     linear_types,
+    model_type,
     replace_module,
     validation_error,
 )
@@ -264,6 +270,9 @@ class LoRALinear(_LoRABase):
                 norm = self.base_weight().float().norm(dim=1).to(kwargs["dtype"])
             self.lora_magnitude_vector = nn.Parameter(norm)
             self.forward = self._forward_dora  # decided once, not per call
+        # DoRA's magnitude gradient reads the output: save it (free where the model keeps it anyway)
+        # or recompute the base matmul in backward; LoRA.inject sets it per layer (DORA_KEPT_OUTPUTS)
+        self.dora_saves_output = True
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
@@ -295,6 +304,24 @@ class LoRALinear(_LoRABase):
     def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return self.base_layer(x)
+        base = self.base_layer
+        if (
+            type(base) is nn.Linear
+            and x.dtype == base.weight.dtype == self.lora_A.dtype
+            and not (base._forward_hooks or base._forward_pre_hooks)
+        ):
+            return _FusedDoRALinear.apply(
+                x,
+                base.weight,
+                base.bias,
+                self.lora_A,
+                self.lora_B,
+                self.lora_magnitude_vector,
+                self._dora_row_norm(base.weight),
+                self.scaling,
+                self.dropout_p if self.training else 0.0,
+                self.dora_saves_output,
+            )
         # a dequantized base weight may come back in another dtype than x (LLM.int8 gives float32)
         weight = self.base_weight()
         base = F.linear(x, weight.to(x.dtype))  # (..., out), bias added last
@@ -402,6 +429,23 @@ class LoRAConv2d(_LoRABase):
 
 
 LORA_LAYERS = (LoRALinear, LoRAEmbedding, LoRAConv2d)
+
+# Layers (name suffixes) whose output the model itself keeps for backward (attention's values, an
+# activation's input, a gated product's operands), per architecture. DoRA saves the output of these (free) and recomputes
+# the base matmul of the others in backward rather than keep an output-sized tensor for them (see
+# _FusedDoRALinear). Architectures not listed save every output: faster, more memory.
+_LLAMA_LIKE = frozenset({"v_proj", "gate_proj", "up_proj"})
+DORA_KEPT_OUTPUTS: dict[str, frozenset[str]] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "mixtral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gpt2": frozenset({"c_attn", "c_fc"}),
+    "bert": frozenset({"value", "intermediate.dense"}),
+}
 
 
 @dataclass
@@ -511,6 +555,7 @@ class LoRA(PEFTStrategy):
         wrap_modules_to_save(model, self.modules_to_save, type(self).__name__)
         common = {"r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora}
         common["init_lora_weights"] = self.init_lora_weights
+        kept = DORA_KEPT_OUTPUTS.get(model_type(model) or "") if self.use_dora else None
         for name, module in targets:
             if isinstance(module, nn.Embedding):
                 new: nn.Module = LoRAEmbedding(module, **common)
@@ -518,6 +563,8 @@ class LoRA(PEFTStrategy):
                 new = LoRAConv2d(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
             else:
                 new = LoRALinear(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
+                if kept is not None:
+                    new.dora_saves_output = any(name == k or name.endswith("." + k) for k in kept)
             replace_module(model, name, new)
         require_grad_from_input_embeddings(model)
 

@@ -137,6 +137,79 @@ class _FusedLoRALinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
+class _FusedDoRALinear(torch.autograd.Function):
+    """DoRA on a dense ``nn.Linear`` as one node: ``y = m / n · (x Wᵀ + s · dropout(x) Aᵀ Bᵀ) + b``.
+
+    ``n = ||W + s B A||`` per output is a constant (DoRA sec. 4.3). The sum is built in place in one
+    output-sized buffer (``addmm_``, ``mul_``, ``add_``). The magnitude's gradient needs the unscaled
+    sum ``s_full`` (one value per token and output): with ``save_output`` the output ``y`` is saved
+    and ``s_full = (y - b) n / m`` recovered, which is free where the model keeps ``y`` anyway (an
+    activation's input, a product's operand, attention's values); without it, nothing output-sized
+    is saved and backward recomputes ``s_full = x Wᵀ + hidden Bᵀ`` (one more base matmul). A zero
+    magnitude cannot give ``s_full`` back from ``y``, so it recomputes too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, norm, scaling, p, save_output):  # type: ignore[override]
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        packed = None
+        if p > 0:
+            keep, keep_p = keep_mask(rows.shape, p, x.device)
+            scaling = scaling / keep_p
+            hidden = ((rows * keep) @ lora_a.T).mul_(scaling)  # (N, r)
+            packed = _pack_bits(keep)
+        else:
+            hidden = (rows @ lora_a.T).mul_(scaling)  # (N, r)
+        out = rows @ weight.T  # (N, out)
+        out.addmm_(hidden, lora_b.T)  # s_full
+        gain = (magnitude / norm).to(out.dtype)  # (out,)
+        out.mul_(gain)
+        if bias is not None:
+            out.add_(bias)
+        keep_y = save_output and ctx.needs_input_grad[5] and bool((magnitude != 0).all())
+        ctx.save_for_backward(
+            x, weight, bias, lora_a, lora_b, hidden, gain, norm, packed, out if keep_y else None
+        )
+        ctx.scaling, ctx.magnitude_dtype = scaling, magnitude.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, bias, lora_a, lora_b, hidden, gain, norm, packed, out = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        grad = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        rows = x.reshape(-1, x.shape[-1])
+        keep = None if packed is None else _unpack_bits(packed, rows.shape)
+        grad_sum = grad * gain  # (N, out): the gradient of s_full
+        grad_hidden = (grad_sum @ lora_b).mul_(ctx.scaling)  # (N, r)
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
+        if need_x:
+            if keep is None:
+                grad_x = (grad_sum @ weight).addmm_(grad_hidden, lora_a)
+            else:
+                grad_x = (grad_sum @ weight).addcmul_(grad_hidden @ lora_a, keep)
+            grad_x = grad_x.view_as(x)
+        if need_w:
+            grad_w = grad_sum.T @ rows
+        if need_bias and bias is not None:
+            grad_bias = grad.sum(dim=0)
+        if need_a:
+            grad_a = grad_hidden.T @ (rows if keep is None else rows * keep)
+        if need_b:
+            grad_b = grad_sum.T @ hidden
+        if need_m:
+            if out is not None:  # s_full = (y - b) / gain
+                per_out = (grad * out).sum(dim=0, dtype=torch.float32)
+                if bias is not None:
+                    per_out -= bias.float() * grad.sum(dim=0, dtype=torch.float32)
+                grad_m = per_out / (gain.float() * norm.float())
+            else:
+                summed = (rows @ weight.T).addmm_(hidden, lora_b.T)  # recomputed s_full
+                grad_m = (grad * summed).sum(dim=0, dtype=torch.float32) / norm.float()
+            grad_m = grad_m.to(ctx.magnitude_dtype)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None, None
+
+
 class _DoRAScale(torch.autograd.Function):
     """``m / norm · s`` per output, with the norm a constant (DoRA sec. 4.3).
 

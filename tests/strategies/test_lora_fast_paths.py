@@ -209,15 +209,22 @@ def test_dora_row_norm_follows_in_place_changes_of_the_base_weight() -> None:
     torch.testing.assert_close(layer._dora_row_norm(layer.base_weight()), expected.detach())
 
 
+@pytest.mark.parametrize("path", ["fused-saves-output", "fused-recomputes", "unfused"])
 @pytest.mark.parametrize("zero_magnitude", [False, True], ids=["magnitude", "zero-magnitude"])
-def test_dora_outputs_and_gradients_match_the_straightforward_formulation(zero_magnitude: bool) -> None:
+def test_dora_outputs_and_gradients_match_the_straightforward_formulation(
+    zero_magnitude: bool, path: str
+) -> None:
     layer = _dora_layer()
-    if zero_magnitude:  # the output cannot give the sum back on this row: the sum itself is saved
+    layer.dora_saves_output = path == "fused-saves-output"
+    if path == "unfused":  # a hooked base takes the general path
+        layer.base_layer.register_forward_hook(lambda *args: None)
+    if zero_magnitude:  # the output cannot give the sum back on this row: recomputed (or saved, unfused)
         with torch.no_grad():
             layer.lora_magnitude_vector[3] = 0.0
     x = _input()
     params = (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
     got = layer(x)
+    assert ("Fused" in type(got.grad_fn).__name__) == path.startswith("fused")
     got_grads = _grads(got, *params)
     expected = _dora_reference(layer, x)
     expected_grads = _grads(expected, *params)
@@ -226,8 +233,24 @@ def test_dora_outputs_and_gradients_match_the_straightforward_formulation(zero_m
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
-def test_dora_with_dropout_matches_the_straightforward_formulation() -> None:
+def test_fused_dora_gives_the_base_weight_and_bias_their_gradients_when_they_train() -> None:
+    layer = _dora_layer()
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    W.requires_grad_(True)
+    b.requires_grad_(True)
+    x = _input()
+    got = layer(x)
+    assert "Fused" in type(got.grad_fn).__name__
+    tensors = (x, W, b, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
+    # the reference treats the norm as a constant, as DoRA does: no gradient reaches W through it
+    for g, e in zip(_grads(got, *tensors), _grads(_dora_reference(layer, x), *tensors), strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("saves_output", [True, False], ids=["saves-output", "recomputes"])
+def test_dora_with_dropout_matches_the_straightforward_formulation(saves_output: bool) -> None:
     layer = _dora_layer(lora_dropout=0.2).train()
+    layer.dora_saves_output = saves_output
     x = _input()
     params = (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
     torch.manual_seed(5)
@@ -285,6 +308,14 @@ def test_dora_saves_less_than_the_straightforward_formulation(ids: torch.Tensor)
     theirs.enable_input_require_grads()
     ours = _ours(use_dora=True)
     assert _saved_bytes(ours, ids) < _saved_bytes(theirs.train(), ids)
+
+
+def test_dora_saves_at_most_10_percent_more_than_lora(ids: torch.Tensor) -> None:
+    # Llama: v, gate and up keep their outputs (the model saves them anyway), q, k, o, down recompute
+    dora = _ours(use_dora=True)
+    kept = {n.rsplit(".", 1)[-1] for n, m in dora.named_modules() if getattr(m, "dora_saves_output", False)}
+    assert kept == {"v_proj", "gate_proj", "up_proj"}
+    assert _saved_bytes(dora, ids) <= 1.1 * _saved_bytes(_ours(), ids)
 
 
 def test_a_changed_deep_copy_of_a_dora_model_recomputes_its_norm_cache(ids: torch.Tensor) -> None:
