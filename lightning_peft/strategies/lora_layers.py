@@ -1,0 +1,414 @@
+"""The LoRA layers: LoRA (Hu et al., 2021), rsLoRA (Kalajdzievski, 2023) and DoRA (Liu et al., 2024).
+
+A frozen weight ``W`` gets a trainable low-rank update::
+
+    x ──► W ─────────────────────────► (+) ──► y          y = W x + b + s · B A dropout(x)
+    └───► dropout ─► A (r × in) ─► B (out × r) ─► · s ─┘
+
+    s = lora_alpha / r          (LoRA)
+    s = lora_alpha / sqrt(r)    (rsLoRA: keeps the update's scale stable as r grows)
+
+``B`` starts at zero, so an adapted model starts exactly where its base model is. DoRA splits the
+weight into a magnitude ``m`` (one number per output) and a direction, and LoRA updates the
+direction::
+
+    y = m / ||W + s B A||  ·  (W x + s B A dropout(x))  +  b
+
+with the norm taken per output row and treated as a constant in the backward pass (DoRA, sec. 4.3).
+Parameter names follow peft (``lora_A``, ``lora_B``, ``lora_embedding_A``, ``lora_magnitude_vector``)
+so that exports map one to one.
+
+The base layer may be quantized by bitsandbytes (4-bit ``Linear4bit``, 8-bit ``Linear8bitLt``, as
+QLoRA does): the forward calls it as it is, DoRA and merging read its weight through
+:func:`dense_weight`, and merging replaces it by a dense ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_peft.strategies.lora_autograd import (
+    _DoRAScale,
+    _DroppedLoRA,
+    _FusedDoRALinear,
+    _FusedLoRALinear,
+)
+from lightning_peft.strategies.quantized import dense_weight, dequantized_linear, quantized_kind
+from lightning_peft.strategies.targeting import inner_layer, is_conv1d
+
+InitLoRA = bool | Literal["gaussian"]
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # quantized bases store integers; their adapters train in float32
+    return weight.dtype if weight.is_floating_point() else torch.float32
+
+
+def _init_pair(a: torch.Tensor, b: torch.Tensor, init: InitLoRA, r: int, a_is_zero: bool = False) -> None:
+    """Initialise (A, B) so that B A = 0 unless ``init`` is False (then both random, for tests)."""
+    with torch.no_grad():
+        first, second = (b, a) if a_is_zero else (a, b)
+        if init == "gaussian":
+            nn.init.normal_(first, std=1 / r)
+        elif a_is_zero:
+            nn.init.normal_(first)
+        else:
+            nn.init.kaiming_uniform_(first, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(second, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(second)
+
+
+class _LoRABase(nn.Module):
+    """State and merge logic shared by the LoRA layers; each layer defines ``delta_weight`` and ``forward``."""
+
+    base_layer: nn.Module
+    scaling: float
+
+    def _setup(
+        self, base_layer: nn.Module, r: int, lora_alpha: float, use_rslora: bool, init: InitLoRA
+    ) -> None:
+        self.base_layer = base_layer
+        self.r = r
+        self.init_lora_weights = init
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.merged = False
+        self.enabled = True
+
+    def adapter_params(self) -> list[str]:
+        return [name for name, _ in self.named_parameters(recurse=False)]
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the adapter as at construction: ``B A = 0`` and DoRA's magnitude ``||W||``.
+
+        For a model adapted on the ``meta`` device and materialised later (``to_empty``, FSDP's
+        per-module ``reset_parameters``): call it once the base weights are loaded, as DoRA's
+        magnitude is read from them. :func:`~lightning_peft.strategies.base.reset_adapters` does
+        it for a whole model.
+        """
+        a, b = self.adapter_pair()
+        _init_pair(a, b, self.init_lora_weights, self.r, a_is_zero=isinstance(self, LoRAEmbedding))
+        if hasattr(self, "lora_magnitude_vector"):
+            norm = self.base_weight().float().flatten(1).norm(dim=1)
+            self.lora_magnitude_vector.copy_(norm)
+
+    def adapter_pair(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """``(A, B)``: the down- and up-projection."""
+        return self.lora_A, self.lora_B
+
+    def inner_layer(self) -> nn.Module:
+        """The original layer, below any other named adapters stacked on it."""
+        return inner_layer(self)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # code that reads ``layer.weight`` (weight tying, output heads) keeps working on adapted layers
+        return self.inner_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.inner_layer().bias
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``(out, in, ...)``, whatever the layer's own storage order.
+
+        A quantized base layer gives a dequantized copy (see :func:`dense_weight`).
+        """
+        weight = dense_weight(self.inner_layer())
+        return weight.T if getattr(self, "fan_in_fan_out", False) else weight
+
+    def delta_weight(self) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must define delta_weight")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight; the layer's outputs do not change.
+
+        A quantized base layer is first replaced by its dequantized ``nn.Linear`` (with a warning): the
+        merged weights are dense and carry the base's quantization error. :meth:`unmerge` leaves the
+        base dense.
+        """
+        if self.merged:
+            return
+        if quantized_kind(self.inner_layer()) is not None:
+            self._dequantize_base()
+        weight = self.base_weight()
+        if not weight.is_floating_point():
+            raise TypeError(f"cannot merge into a {weight.dtype} base weight; dequantize it first")
+        delta = self.delta_weight().to(weight.dtype)
+        if hasattr(self, "lora_magnitude_vector"):
+            norm = (weight + delta).flatten(1).norm(dim=1)
+            self._merge_norm = norm
+            gain = (self.lora_magnitude_vector / norm).to(weight.dtype)
+            new = (weight + delta) * gain.view(-1, *[1] * (weight.dim() - 1))
+        else:
+            new = weight + delta
+        if not torch.isfinite(new).all():
+            raise ValueError(
+                f"merging {type(self).__name__} gives non-finite weights; the adapter is left unmerged"
+            )
+        weight.copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight saved before :meth:`merge` (up to float rounding)."""
+        if not self.merged:
+            return
+        weight = self.base_weight()
+        delta = self.delta_weight().to(weight.dtype)
+        if hasattr(self, "lora_magnitude_vector"):
+            gain = (self.lora_magnitude_vector / self._merge_norm).to(weight.dtype)
+            weight.copy_(weight / gain.view(-1, *[1] * (weight.dim() - 1)) - delta)
+        else:
+            weight.sub_(delta)
+        self.merged = False
+
+    def _dequantize_base(self) -> None:
+        quantized = self.inner_layer()
+        dense = dequantized_linear(quantized)
+        # one message for all layers: Python shows it once instead of once per layer
+        warnings.warn(
+            f"merging LoRA into {quantized_kind(quantized)} quantized layers: their weights are dequantized "
+            f"to {dense.weight.dtype} and the layers become dense nn.Linear layers (more memory; the merged "
+            f"weights keep the quantization error)",
+            stacklevel=4,  # the caller of merge(), past the no_grad wrapper
+        )
+        holder: nn.Module = self
+        while holder.base_layer is not quantized:
+            holder = holder.base_layer
+        holder.base_layer = dense
+
+    def _dora_gain(self) -> torch.Tensor:
+        """m / ||W + s B A|| per output; the norm is a constant for autograd (DoRA sec. 4.3)."""
+        with torch.no_grad():
+            norm = (self.base_weight() + self.delta_weight()).flatten(1).norm(dim=1)
+        return self.lora_magnitude_vector / norm
+
+    def _dora_row_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W + s B A|| per output row without building ``W + s B A`` (a no-grad constant).
+
+        ``||w_i + s b_i A||² = ||w_i||² + 2 s b_i·(A w_i) + s² b_i (A Aᵀ) b_iᵀ``: one skinny product
+        ``W Aᵀ`` (out × r) instead of an out × in sum, and ``||W||²`` is cached until the base weight
+        changes (merge, unmerge, an in-place edit or a new base layer: its version counter moves).
+        """
+        with torch.no_grad():
+            weight = weight.flatten(1)  # (out, in): the base weight as base_weight() gives it
+            stored = self.inner_layer().weight  # a quantized weight's dequantized copy is new each call
+            key = (id(stored), stored.data_ptr(), stored._version)
+            if getattr(self, "_weight_sq_key", None) != key:
+                self._weight_sq = weight.float().square().sum(dim=1)  # (out,)
+                self._weight_sq_key = key
+            a = self.lora_A.flatten(1)  # (r, in)
+            w_at = (weight @ a.to(weight.dtype).T).float()  # (out, r)
+            a, b = a.float(), self.lora_B.flatten(1).float()  # b: (out, r)
+            cross = (b * w_at).sum(dim=1)
+            update = ((b @ (a @ a.T)) * b).sum(dim=1)
+            s = self.scaling
+            squared = self._weight_sq + 2 * s * cross + s * s * update
+            return squared.clamp_min(0).sqrt()  # (out,) float32
+
+
+class LoRALinear(_LoRABase):
+    """LoRA (and DoRA) around an ``nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out``)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: InitLoRA = True,
+    ) -> None:
+        super().__init__()
+        self._setup(base_layer, r, lora_alpha, use_rslora, init_lora_weights)
+        inner = inner_layer(base_layer)
+        self.fan_in_fan_out = is_conv1d(inner)
+        weight = base_layer.weight
+        if isinstance(inner, nn.Linear):  # read the sizes without dequantizing a quantized weight
+            out_features, in_features = inner.out_features, inner.in_features
+        else:
+            out_features, in_features = self.base_weight().shape
+        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **kwargs))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **kwargs))
+        _init_pair(self.lora_A, self.lora_B, init_lora_weights, r)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.dropout_p = float(lora_dropout)  # applied by _DroppedLoRA, which saves the mask as bits
+        if use_dora:
+            with torch.no_grad():
+                norm = self.base_weight().float().norm(dim=1).to(kwargs["dtype"])
+            self.lora_magnitude_vector = nn.Parameter(norm)
+            self.forward = self._forward_dora  # decided once, not per call
+        # DoRA's magnitude gradient reads the output: save it (free where the model keeps it anyway)
+        # or recompute the base matmul in backward; LoRA.inject sets it per layer (DORA_KEPT_OUTPUTS)
+        self.dora_saves_output = True
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.dtype)
+        if self.dropout_p > 0 and self.training:
+            return _DroppedLoRA.apply(x, self.lora_A, self.lora_B, self.scaling, self.dropout_p)
+        # scaling the (..., r) hidden rather than B: autograd then saves nothing larger than peft does
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)  # (..., out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.enabled:
+            return self.base_layer(x)
+        base = self.base_layer
+        if (
+            type(base) is nn.Linear
+            and x.dtype == base.weight.dtype == self.lora_A.dtype
+            and not (base._forward_hooks or base._forward_pre_hooks)
+        ):
+            p = self.dropout_p if self.training else 0.0
+            return _FusedLoRALinear.apply(
+                x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, p
+            )
+        # a quantized, hooked or stacked base, a Conv1D or mixed dtypes: the layers as they are
+        result = base(x)  # (..., out)
+        return result + self._lora(x).to(result.dtype)
+
+    def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.enabled:
+            return self.base_layer(x)
+        base = self.base_layer
+        if (
+            type(base) is nn.Linear
+            and x.dtype == base.weight.dtype == self.lora_A.dtype
+            and not (base._forward_hooks or base._forward_pre_hooks)
+        ):
+            return _FusedDoRALinear.apply(
+                x,
+                base.weight,
+                base.bias,
+                self.lora_A,
+                self.lora_B,
+                self.lora_magnitude_vector,
+                self._dora_row_norm(base.weight),
+                self.scaling,
+                self.dropout_p if self.training else 0.0,
+                self.dora_saves_output,
+            )
+        # a dequantized base weight may come back in another dtype than x (LLM.int8 gives float32)
+        weight = self.base_weight()
+        base = F.linear(x, weight.to(x.dtype))  # (..., out), bias added last
+        norm = self._dora_row_norm(weight)
+        result = _DoRAScale.apply(base + self._lora(x).to(base.dtype), self.lora_magnitude_vector, norm)
+        bias = self.bias
+        return result if bias is None else result + bias
+
+
+class LoRAEmbedding(_LoRABase):
+    """LoRA on an ``nn.Embedding``: ``E[ids] + s · (A^T[ids]) B^T``. No dropout on token ids (as peft)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Embedding,
+        r: int,
+        lora_alpha: float,
+        use_rslora: bool = False,
+        init_lora_weights: InitLoRA = True,
+    ) -> None:
+        super().__init__()
+        self._setup(base_layer, r, lora_alpha, use_rslora, init_lora_weights)
+        num_embeddings, embedding_dim = base_layer.weight.shape
+        kwargs = {"device": base_layer.weight.device, "dtype": _adapter_dtype(base_layer.weight)}
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num_embeddings, **kwargs))
+        self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, **kwargs))
+        _init_pair(self.lora_embedding_A, self.lora_embedding_B, init_lora_weights, r, a_is_zero=True)
+
+    def adapter_pair(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling  # (num_embeddings, dim)
+
+    def base_weight(self) -> torch.Tensor:
+        return self.inner_layer().weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(ids)  # (..., dim)
+        if self.merged or not self.enabled:
+            return result
+        after_a = F.embedding(
+            ids, self.lora_embedding_A.T, padding_idx=self.inner_layer().padding_idx
+        )  # (..., r)
+        return result + (after_a @ (self.lora_embedding_B * self.scaling).T).to(result.dtype)
+
+
+class LoRAConv2d(_LoRABase):
+    """LoRA on an ``nn.Conv2d``: ``A`` is a conv with the base kernel and ``r`` outputs, ``B`` a 1x1 conv."""
+
+    def __init__(
+        self,
+        base_layer: nn.Conv2d,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: InitLoRA = True,
+    ) -> None:
+        super().__init__()
+        self._setup(base_layer, r, lora_alpha, use_rslora, init_lora_weights)
+        weight = base_layer.weight  # (out, in, kh, kw)
+        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_A = nn.Parameter(torch.empty(r, *weight.shape[1:], **kwargs))
+        self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r, 1, 1, **kwargs))
+        _init_pair(self.lora_A, self.lora_B, init_lora_weights, r)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        if use_dora:
+            with torch.no_grad():
+                norm = weight.float().flatten(1).norm(dim=1).to(kwargs["dtype"])
+            self.lora_magnitude_vector = nn.Parameter(norm)
+            self.forward = self._forward_dora
+
+    def delta_weight(self) -> torch.Tensor:
+        product = self.lora_B.flatten(1) @ self.lora_A.flatten(1)  # (out, in * kh * kw)
+        return product.view(self.weight.shape) * self.scaling
+
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.inner_layer()
+        hidden = F.conv2d(
+            self.lora_dropout(x.to(self.lora_A.dtype)),
+            self.lora_A,
+            None,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+        )
+        return F.conv2d(hidden, self.lora_B * self.scaling)  # (N, out, H', W')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged or not self.enabled:
+            return result
+        return result + self._lora(x).to(result.dtype)
+
+    def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.enabled:
+            return self.base_layer(x)
+        conv = self.inner_layer()
+        base = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
+        gain = self._dora_gain().to(base.dtype).view(1, -1, 1, 1)
+        result = gain * (base + self._lora(x).to(base.dtype))
+        return result if conv.bias is None else result + conv.bias.view(1, -1, 1, 1)
+
+
+LORA_LAYERS = (LoRALinear, LoRAEmbedding, LoRAConv2d)
