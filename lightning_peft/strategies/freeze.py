@@ -90,7 +90,9 @@ class Freeze(PEFTStrategy):
         if self.last_n_blocks:
             name, blocks = find_blocks(model, self.blocks)
             if self.last_n_blocks > len(blocks):
-                raise ValueError(f"Freeze: last_n_blocks={self.last_n_blocks} but {name!r} has {len(blocks)} blocks")
+                raise ValueError(
+                    f"Freeze: last_n_blocks={self.last_n_blocks} but {name!r} has {len(blocks)} blocks"
+                )
             first = len(blocks) - self.last_n_blocks
             prefixes.extend(f"{name}.{i}" for i in range(first, len(blocks)))
         frozen_copies = frozen_copy_prefixes(model)
