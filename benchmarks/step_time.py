@@ -252,6 +252,22 @@ def rows(variants: list[Variant]) -> list[dict[str, object]]:
     return out
 
 
+def lora_flop_floor(variants: list[Variant]) -> float | None:
+    """The least LoRA's step can cost over the limit, counting matmul FLOPs only.
+
+    Per token, the limit does ``2 P`` FLOPs forward and ``2 P`` backward to the inputs (``P``: the
+    weights of all linear layers, the head included; attention's own products add about 1% here).
+    LoRA adds ``2 L`` forward and ``4 L`` backward (``L``: its parameters: the input gradient through
+    ``A`` and ``B`` plus their weight gradients), so no implementation can go below ``1 + 6L / 4P``.
+    """
+    by_name = {v.name: v for v in variants}
+    if "lora" not in by_name:
+        return None
+    base = sum(m.weight.numel() for m in by_name["limit"].model.modules() if isinstance(m, nn.Linear))
+    lora = sum(p.numel() for p in by_name["lora"].model.parameters() if p.requires_grad)
+    return 1 + 6 * lora / (4 * base)
+
+
 def markdown(table: list[dict[str, object]]) -> str:
     peak = any(r["peak_mib"] for r in table)
     head = "| method | step s | x limit (spread) | x peft | saved MiB | trainable | ckpt KiB | apply s |"
@@ -309,9 +325,13 @@ def main(argv: list[str] | None = None) -> None:
         f"rounds after {args.warmup} warm-up\n{machine}\n"
     )
     print(markdown(table))
+    floor = lora_flop_floor(variants)
+    if floor is not None:
+        print(f"\nLoRA's arithmetic floor (adapter matmul FLOPs over the limit's): {floor:.4f}x the limit")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": settings, "machine": machine, "rows": table}, f, indent=1)
+            record = {"settings": settings, "machine": machine, "rows": table, "lora_flop_floor": floor}
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":
