@@ -3,6 +3,7 @@
 from lightning_peft.callbacks import (
     PEFT,
     AdapterRegularization,
+    AdversarialTraining,
     CurriculumSchedule,
     Distillation,
     Evaluation,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterRegularization",
+    "AdversarialTraining",
     "Distillation",
     "Evaluation",
     "LayerwiseLR",

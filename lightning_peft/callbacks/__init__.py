@@ -1,5 +1,6 @@
 """Lightning callbacks: the thin glue between strategies and the Trainer."""
 
+from lightning_peft.callbacks.adversarial import AdversarialTraining
 from lightning_peft.callbacks.curriculum import CurriculumSchedule, Phase
 from lightning_peft.callbacks.distill import Distillation
 from lightning_peft.callbacks.evaluation import Evaluation
@@ -12,6 +13,7 @@ from lightning_peft.callbacks.regularization import AdapterRegularization
 __all__ = [
     "PEFT",
     "AdapterRegularization",
+    "AdversarialTraining",
     "CurriculumSchedule",
     "Distillation",
     "Evaluation",
