@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lightning_peft.formats.peft_layout import TASK_TYPES
-from lightning_peft.generate import GENERATE_DESCRIPTION, add_generate_arguments, run_generate
+from lightning_peft.generate_cli import GENERATE_DESCRIPTION, add_generate_arguments, run_generate
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_CODES = (

@@ -18,6 +18,7 @@ from conftest import tiny_char_llama
 from lightning_peft import PEFT, LoRA, export_adapter, export_merged
 from lightning_peft.cli import main
 from lightning_peft.generate import (
+    DEFAULT_SETTINGS_FILE,
     GenerationSettings,
     generate,
     load_for_generation,
@@ -126,6 +127,19 @@ def test_a_settings_file_builds_the_same_settings_here_and_with_hydra(tmp_path):
     assert instantiate(OmegaConf.load(tmp_path / "s.yaml"), _convert_="all") == GenerationSettings(
         max_new_tokens=9, stop_strings=["\n"]
     )
+
+
+def test_the_shipped_settings_file_lists_every_field_at_its_default():
+    from dataclasses import fields
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    assert DEFAULT_SETTINGS_FILE.name == "generation.yaml" and DEFAULT_SETTINGS_FILE.parent.name == "conf"
+    node = OmegaConf.load(DEFAULT_SETTINGS_FILE)
+    assert set(node) - {"_target_"} == {f.name for f in fields(GenerationSettings)}
+    assert GenerationSettings.from_file(DEFAULT_SETTINGS_FILE) == GenerationSettings()
+    assert instantiate(node, _convert_="all") == GenerationSettings()
 
 
 def test_settings_file_with_an_unknown_key_names_the_known_ones(tmp_path):

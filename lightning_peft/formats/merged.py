@@ -14,8 +14,8 @@ from lightning_peft.formats.adapter import ExportResult, Progress
 from lightning_peft.formats.files import copy_tokenizer, read_json, staged_directory
 from lightning_peft.formats.source import adapted_module, source_from_checkpoint
 from lightning_peft.strategies.base import MergeableAdapter, PEFTStrategy, adapter_modules
-from lightning_peft.strategies.quantized import dequantized_linear, quantized_kind
 from lightning_peft.strategies.modules_to_save import ModuleToSave
+from lightning_peft.strategies.quantized import dequantized_linear, quantized_kind
 from lightning_peft.strategies.state import load_trainable_state_dict, trainable_names
 from lightning_peft.strategies.targeting import replace_module
 
