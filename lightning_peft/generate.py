@@ -25,8 +25,6 @@ streamer (with how forced words work) in :mod:`lightning_peft.generation_control
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -38,7 +36,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from lightning_peft.callbacks.peft import _APPLIED_ATTR
 from lightning_peft.formats.adapter import load_adapter
-from lightning_peft.formats.files import TOKENIZER_FILES, read_json
+from lightning_peft.formats.files import TOKENIZER_FILES, read_json, write_text_staged
 from lightning_peft.formats.source import source_from_checkpoint
 from lightning_peft.generate_cli import GENERATE_DESCRIPTION, add_generate_arguments, run_generate
 from lightning_peft.generation_controls import (
@@ -349,17 +347,5 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
 
 def write_jsonl(records: Sequence[Mapping[str, Any]], path: str | Path, overwrite: bool = False) -> Path:
     """Write one JSON object per line to ``path``: to a file beside it first, renamed when complete."""
-    out = Path(path)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists already; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, staged = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        os.chmod(staged, 0o644)
-        os.replace(staged, out)
-    except BaseException:
-        Path(staged).unlink(missing_ok=True)
-        raise
-    return out
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return write_text_staged(path, text, overwrite=overwrite)

@@ -165,3 +165,39 @@ def test_load_base_weights_names_missing_and_misshapen_tensors():
     ):
         load_base_weights(model, real)
     assert torch.equal(model.get_submodule("model.layers.1.mlp.up_proj").weight, before)  # nothing copied
+
+
+def test_plan_command_prints_the_plans_and_writes_json(tmp_path, capsys):
+    from lightning_peft.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    out = tmp_path / "plans.json"
+    argv = [
+        "plan",
+        str(tmp_path),
+        "--method",
+        "full,qlora",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--dtype",
+        "float32",
+        "--json",
+        str(out),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    expected = [plan(SMALL, m, batch_size=2, seq_len=64, dtype="float32") for m in ("full", "qlora")]
+    written = json.loads(out.read_text())
+    assert [w["total_bytes"] for w in written] == [p.total_bytes for p in expected]
+    for p in expected:
+        assert f"| {p.method} | {p.trainable:,} |" in printed
+        assert f"{p.total_bytes / 2**30:.3f} |" in printed
+
+
+def test_plan_command_refuses_an_unknown_method(tmp_path, capsys):
+    from lightning_peft.cli import main
+
+    assert main(["plan", str(tmp_path), "--method", "lora,prefix"]) == 2
+    assert "choose from full, lora, qlora" in capsys.readouterr().err
