@@ -1,5 +1,6 @@
 """lightning_peft: parameter-efficient fine-tuning for PyTorch Lightning, as callbacks."""
 
+from lightning_peft.augment import TokenAugmentation
 from lightning_peft.callbacks import (
     PEFT,
     AdapterRegularization,
@@ -12,6 +13,7 @@ from lightning_peft.callbacks import (
     NEFTune,
     layerwise_param_groups,
 )
+from lightning_peft.callbacks.augment import TextAugmentation
 from lightning_peft.checkpoint import load_from_checkpoint
 from lightning_peft.formats import ExportResult, export_adapter, export_merged, load_adapter, read_adapter
 from lightning_peft.mixing import MultiTaskLoader, TaskSampler
@@ -39,10 +41,17 @@ from lightning_peft.strategies import (
     set_active_adapters,
     trainable_state_dict,
 )
+from lightning_peft.templates import ALPACA, CHAT, InstructionCollator, PromptTemplate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALPACA",
+    "CHAT",
+    "InstructionCollator",
+    "PromptTemplate",
+    "TextAugmentation",
+    "TokenAugmentation",
     "AdapterRegularization",
     "AdversarialTraining",
     "Distillation",

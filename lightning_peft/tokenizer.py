@@ -34,7 +34,7 @@ def char_tokenizer(alphabet: str = ALPHABET, chat_template: str | None = None):
         raise ValueError("char_tokenizer: alphabet has repeated characters")
     vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *alphabet))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # "." skips newlines
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"

@@ -12,7 +12,7 @@ from conftest import VOCAB, tiny_llama
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_peft import PEFT, IA3, Adapter, Compose, Freeze, LoRA, PrefixTuning, PromptTuning, QLoRA
+from lightning_peft import IA3, PEFT, Adapter, Compose, Freeze, LoRA, PrefixTuning, PromptTuning, QLoRA
 
 # name -> (strategy factory, learning rate): soft prompts need the large rates of their papers
 METHODS = {
