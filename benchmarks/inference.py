@@ -2,7 +2,7 @@
 
 An eval-mode forward (``torch.inference_mode``) of the Llama of ``step_time.py`` with LoRA r=16 on all
 linear layers, for six models built in one process and run in turn (interleaved), median over the
-rounds after a warm-up:
+rounds after a warm-up (ratios: the median of the per-round ratios):
 
   - ``base``: the model without adapters (the reference);
   - ``merged``: our LoRA merged in place (``strategy.merge``: the layers stay wrapped, and skip the
@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
                 if round_index >= args.warmup:
                     times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
+
+    def ratio(name: str, reference: str) -> float:
+        """Median of the per-round ratios: each round runs both within a second, under the same load."""
+        return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
+
     rows = []
     print(
         f"\nLlama hidden {shape.hidden}, batch 2x{shape.seq}, fp32, {args.threads} threads, eval forward; "
@@ -112,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         row = {
             "model": name,
             "median_s": median[name],
-            "x_base": median[name] / median["base"],
-            "x_peft_unmerged": median[name] / median["peft-unmerged"],
+            "x_base": ratio(name, "base"),
+            "x_peft_unmerged": ratio(name, "peft-unmerged"),
             "max_abs_diff": errors[name],
             "times_s": times[name],
         }

@@ -8,8 +8,9 @@ machine slows them alike; the table gives the median over the rounds after a war
 keeps every sample.
 
 Columns:
-  - ``x limit`` / ``x peft``: median step time over the limit's and over peft's same configuration
-    (the ratio of medians; ``spread`` is the range of the per-round ratios to the limit).
+  - ``x limit`` / ``x peft``: step time over the limit's and over peft's same configuration: the
+    median of the per-round ratios (each round steps both within seconds, under the same load);
+    ``spread`` is the range of the per-round ratios to the limit.
   - ``saved MiB``: bytes of the tensors autograd saves for backward during one training forward,
     each storage counted once, parameters excluded (``torch.autograd.graph.saved_tensors_hooks``).
     Deterministic, so it is measured once.
@@ -235,10 +236,14 @@ def rows(variants: list[Variant]) -> list[dict[str, object]]:
             {
                 "method": v.name,
                 "median_s": statistics.median(v.times),
-                "x_limit": statistics.median(v.times) / statistics.median(limit.times),
+                "x_limit": statistics.median(ratios),
                 "x_limit_min": min(ratios),
                 "x_limit_max": max(ratios),
-                "x_peft": statistics.median(v.times) / statistics.median(twin.times) if twin else None,
+                "x_peft": (
+                    statistics.median(t / pt for t, pt in zip(v.times, twin.times, strict=True))
+                    if twin
+                    else None
+                ),
                 "saved_mib": v.saved_bytes / 2**20,
                 "saved_vs_limit": v.saved_bytes / limit.saved_bytes,
                 "trainable": trainable,

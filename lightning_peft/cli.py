@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lightning_peft.formats.peft_layout import TASK_TYPES
 from lightning_peft.generate_cli import GENERATE_DESCRIPTION, add_generate_arguments, run_generate
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -81,8 +80,8 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task-type",
-        choices=TASK_TYPES,
-        help="peft task type (prompt and prefix tuning need it unless --base-model-name-or-path is a folder)",
+        help="peft task type, e.g. CAUSAL_LM or SEQ_CLS (prompt and prefix tuning need it unless "
+        "--base-model-name-or-path is a folder)",
     )
     parser.add_argument(
         "--root",
@@ -104,6 +103,10 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.merged and args.adapter_name not in (None, "default"):
         raise UsageError("a checkpoint holds one adapter, named 'default'")
     from lightning_peft.formats import export_adapter, export_merged
+    from lightning_peft.formats.peft_layout import TASK_TYPES
+
+    if args.task_type is not None and args.task_type not in TASK_TYPES:
+        raise UsageError(f"--task-type {args.task_type!r}: choose one of {', '.join(TASK_TYPES)}")
 
     if args.merged:
         result = export_merged(

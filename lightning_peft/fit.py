@@ -101,7 +101,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         from lightning_peft import export_adapter
 
         written = export_adapter(final, out / "adapter", overwrite=True)
-        metrics_file = out / "metrics.json"
         record = {
             "metrics": metrics,
             "checkpoint": str(final),
@@ -109,6 +108,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "adapter_format": written.format,
             "overrides": _overrides(),
         }
+        # a data module that tokenizes (InstructionData) hands its tokenizer on: generate reads it there
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(written.path))
+        if cfg.get("export_merged"):
+            record["merged"] = _export_merged(module, out / "merged", tokenizer)
+        metrics_file = out / "metrics.json"
         metrics_file.write_text(json.dumps(record, indent=2) + "\n")
         log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         log.info("wrote %s, %s and %s", final, out / "adapter", metrics_file)
@@ -119,6 +125,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
             log.info("wrote %s", write_curves(csv_log, out / "curves.png"))
     return metrics
+
+
+def _export_merged(module: Any, out: Path, tokenizer: Any) -> str | None:
+    """The trained model with its adapters merged, for ``lightning-peft generate --model``; a method
+    that cannot merge (prompt tuning, bottleneck adapters) is reported, not fatal: the adapter is saved."""
+    from lightning_peft import export_merged
+
+    try:
+        result = export_merged(module, out, tokenizer=tokenizer, overwrite=True)
+    except ValueError as err:
+        log.warning("no merged export: %s", err)
+        return None
+    log.info("wrote merged model to %s", result.path)
+    return str(result.path)
 
 
 def _overrides() -> list[str]:

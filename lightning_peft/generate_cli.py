@@ -21,7 +21,9 @@ model plus an adapter folder (--base --adapter; Hugging Face PEFT format or ligh
 a base model plus a checkpoint of the PEFT callback (--base --checkpoint).
 
 Prompts: PROMPT arguments or --prompt (repeatable), or --prompts FILE (one per line; a .jsonl file:
-one object per line with a "prompt" field). Settings: --config FILE, a YAML mapping of
+one object per line with a "prompt" field). With --template (the one the model was tuned with:
+alpaca, chat, or a YAML file like lightning_peft/conf/template/alpaca.yaml) each prompt is the
+instruction, and each .jsonl record fills the template's fields (instruction, input, ...). Settings: --config FILE, a YAML mapping of
 GenerationSettings fields (max_new_tokens: 32, stop_strings: ["\\n"], ...), each flag below
 overriding it; without it, the shipped lightning_peft/conf/generation.yaml, which lists every field
 at its default. --stop understands \\n and \\t.
@@ -55,6 +57,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     text.add_argument("prompt_args", nargs="*", metavar="PROMPT", help="prompts to complete")
     text.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     text.add_argument("--prompts", metavar="FILE", help="prompts, one per line, or a .jsonl file")
+    text.add_argument(
+        "--template",
+        metavar="NAME|FILE",
+        help="format prompts with a prompt template (alpaca, chat, or a YAML file): a .jsonl record's "
+        "fields fill it, a plain prompt is the instruction",
+    )
     controls = parser.add_argument_group("settings (override --config)")
     controls.add_argument(
         "--config",
@@ -134,10 +142,16 @@ def run_generate(args: argparse.Namespace) -> int:
     stream = args.stream if args.stream is not None else single and sys.stdout.isatty()
     if args.jsonl and Path(args.jsonl).exists() and not args.overwrite:
         raise FileExistsError(f"{args.jsonl} exists already; pass --overwrite to replace it")
+    if args.prompts and not Path(args.prompts).is_file():
+        raise FileNotFoundError(f"no prompt file at {args.prompts}")
     # torch and transformers load only now, once the arguments make sense
     from lightning_peft.generate import generate, load_for_generation, read_prompts, write_jsonl
+    from lightning_peft.templates import load_template
 
-    prompts = read_prompts(args.prompts) if args.prompts else inline
+    try:
+        template = load_template(args.template) if args.template else None
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     if not settings.do_sample and any(
         getattr(args, k) is not None for k in ("temperature", "top_p", "top_k")
     ):
@@ -151,6 +165,18 @@ def run_generate(args: argparse.Namespace) -> int:
         device=args.device,
         progress=_progress,
     )
+    if template is None:
+        prompts = read_prompts(args.prompts) if args.prompts else inline
+    else:  # formatted once the tokenizer is loaded: a chat template lives in it
+
+        def fill(record: dict) -> str:
+            return template.prompt_text(record, tokenizer)
+
+        if args.prompts and Path(args.prompts).suffix == ".jsonl":
+            prompts = read_prompts(args.prompts, format_record=fill)
+        else:
+            lines = read_prompts(args.prompts) if args.prompts else inline
+            prompts = [fill({"instruction": line, "input": ""}) for line in lines]
     _progress(f"generating {len(prompts)} prompt{'s' * (len(prompts) != 1)}")
     records = generate(model, tokenizer, prompts, settings, stream=sys.stdout if stream else None)
     if not stream and not args.jsonl:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,20 +144,23 @@ class PromptTemplate:
             messages.append({"role": "assistant", "content": self.format_response(record)})
         return messages
 
+    def prompt_text(self, record: Mapping[str, Any], tokenizer: Any = None) -> str:
+        """The text a model continues to answer ``record`` (no ``output`` needed): what generation reads.
+
+        With ``chat`` it is the tokenizer's chat template up to the assistant's turn.
+        """
+        if not self.chat:
+            return self.format_prompt(record)
+        self._check_chat_tokenizer(tokenizer)
+        return tokenizer.apply_chat_template(
+            self.messages(record, with_response=False), tokenize=False, add_generation_prompt=True
+        )
+
     def render(self, record: Mapping[str, Any], tokenizer: Any = None) -> tuple[str, str]:
         """``(prompt, response)`` for ``record``; ``tokenizer`` is needed (and only used) with ``chat``."""
         if not self.chat:
             return self.format_prompt(record), self.format_response(record)
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            name = "no tokenizer" if tokenizer is None else f"the tokenizer {type(tokenizer).__name__}"
-            raise ValueError(
-                f"PromptTemplate(chat=True) renders through a tokenizer's chat template, and {name} has none: "
-                "pass a tokenizer whose chat_template is set (char_tokenizer(chat_template=...), "
-                "tokenizer.chat_template = ...), or use chat=False"
-            )
-        prompt = tokenizer.apply_chat_template(
-            self.messages(record, with_response=False), tokenize=False, add_generation_prompt=True
-        )
+        prompt = self.prompt_text(record, tokenizer)
         full = tokenizer.apply_chat_template(self.messages(record), tokenize=False)
         if not full.startswith(prompt):
             raise ValueError(
@@ -166,6 +170,44 @@ class PromptTemplate:
                 f"  full:   {full!r}"
             )
         return prompt, full[len(prompt) :]
+
+    @staticmethod
+    def _check_chat_tokenizer(tokenizer: Any) -> None:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            name = "no tokenizer" if tokenizer is None else f"the tokenizer {type(tokenizer).__name__}"
+            raise ValueError(
+                f"PromptTemplate(chat=True) renders through a tokenizer's chat template, and {name} has none: "
+                "pass a tokenizer whose chat_template is set (char_tokenizer(chat_template=...), "
+                "tokenizer.chat_template = ...), or use chat=False"
+            )
+
+
+TEMPLATE_DIR = Path(__file__).parent / "conf" / "template"
+
+
+def load_template(name_or_path: str | Path) -> PromptTemplate:
+    """A :class:`PromptTemplate` from a YAML file, or by name from the shipped ``conf/template/``.
+
+    The YAML holds the constructor's arguments (a Hydra ``_target_`` key is ignored), as the shipped
+    ``alpaca.yaml`` and ``chat.yaml`` do.
+
+    Example::
+
+        load_template("alpaca").prompt_text({"instruction": "Uppercase the word.", "input": "cat"})
+    """
+    from lightning_peft.generation_settings import read_settings_file
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = TEMPLATE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml")))
+        raise ValueError(f"no template {str(name_or_path)!r}: give a YAML file or one of {shipped}")
+    values = {k: v for k, v in read_settings_file(path).items() if k != "_target_"}
+    try:
+        return PromptTemplate(**values)
+    except TypeError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 ALPACA = PromptTemplate(

@@ -388,3 +388,31 @@ def test_bad_input_exits_with_a_one_line_message(trained, tmp_path, capsys, extr
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("lightning-peft generate: error:") and message in err[-1]
     assert not any(line.startswith(("Traceback", "  File")) for line in err)
+
+
+def test_template_formats_plain_and_jsonl_prompts_as_the_model_was_tuned(trained, tmp_path):
+    from lightning_peft.templates import ALPACA
+
+    prompts = tmp_path / "records.jsonl"
+    records = [{"instruction": "Say it.", "input": "the "}, {"instruction": "Go on."}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    merged = str(trained["folder"] / "merged")
+    common = ["--max-new-tokens", "3", "--template", "alpaca", "--jsonl", str(out), "--overwrite"]
+    assert main(["generate", "--model", merged, "--prompts", str(prompts), *common]) == 0
+    written = [json.loads(line)["prompt"] for line in out.read_text().splitlines()]
+    assert written == [
+        ALPACA.prompt_text(records[0]),
+        ALPACA.prompt_text({"instruction": "Go on.", "input": ""}),
+    ]
+    assert "### Input:\nthe " in written[0] and "### Input" not in written[1]  # the no-input form
+    assert main(["generate", "--model", merged, "--prompt", "Say it.", *common]) == 0
+    assert json.loads(out.read_text())["prompt"] == ALPACA.prompt_text(
+        {"instruction": "Say it.", "input": ""}
+    )
+
+
+def test_an_unknown_template_is_a_usage_error_naming_the_shipped_ones(trained, capsys):
+    argv = ["generate", "--model", str(trained["folder"] / "merged"), "--template", "alpacca", "hi"]
+    assert main(argv) == 2
+    assert "alpaca, chat" in capsys.readouterr().err
