@@ -27,17 +27,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from lightning_peft import LoRA, QLoRA, plan  # noqa: E402
-from lightning_peft.planning import measure_step, plan_table  # noqa: E402
+from lightning_peft.planning import measure_step, model_config, plan_table  # noqa: E402
 
-LLAMA_7B = dict(
-    model_type="llama",
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-)
 SMALL = dict(
     model_type="llama",
     vocab_size=8000,
@@ -50,15 +41,10 @@ SMALL = dict(
 )
 
 
-def _config(spec: dict) -> transformers.PretrainedConfig:
-    spec = dict(spec)
-    return transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
-
-
 def meta_apply() -> dict[str, float]:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(_config(LLAMA_7B))
+        model = transformers.AutoModelForCausalLM.from_config(model_config("llama-7b"))
     start = time.perf_counter()
     LoRA(r=16, lora_alpha=32, target_modules="all-linear").apply(model)
     seconds = time.perf_counter() - start
@@ -82,7 +68,7 @@ def against_measured() -> list[dict[str, object]]:
     for method in ("full", "lora", "qlora"):
         planned = plan(SMALL, method, batch_size=2, seq_len=128, r=16)
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(_config(SMALL))
+        model = transformers.AutoModelForCausalLM.from_config(model_config(SMALL))
         if method == "full":
             model.requires_grad_(True)
         elif method == "lora":
@@ -117,10 +103,10 @@ def main() -> None:
     )
     start = time.perf_counter()
     plans = [
-        plan(LLAMA_7B, m, batch_size=1, seq_len=512, dtype="bfloat16") for m in ("full", "lora", "qlora")
+        plan("llama-7b", m, batch_size=1, seq_len=512, dtype="bfloat16") for m in ("full", "lora", "qlora")
     ]
     checkpointed = plan(
-        LLAMA_7B, "qlora", batch_size=1, seq_len=512, dtype="bfloat16", gradient_checkpointing=True
+        "llama-7b", "qlora", batch_size=1, seq_len=512, dtype="bfloat16", gradient_checkpointing=True
     )
     seconds = time.perf_counter() - start
     print(f"\nplan() of Llama-7B, bf16, batch 1 x 512 ({seconds:.1f} s for four plans):\n")

@@ -138,13 +138,14 @@ without allocating the model: it is built on PyTorch's meta device and one forwa
 (see lightning_peft.plan). Prints weights, gradients, optimizer states, activations and the total.
 
   lightning-peft plan path/to/model                     a folder with config.json (or the file)
+  lightning-peft plan llama-7b                          a preset: llama-7b, llama-13b, llama-3-8b
   lightning-peft plan config.json --dtype bfloat16 --batch-size 4 --seq-len 1024 --gradient-checkpointing
 """
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "config", metavar="CONFIG", help="a model folder with config.json, or the file itself"
+        "config", metavar="CONFIG", help="a model folder with config.json, the file itself, or a preset name"
     )
     parser.add_argument("--method", default="full,lora,qlora", help="comma-separated: full, lora, qlora")
     parser.add_argument("--batch-size", type=int, default=1)

@@ -149,11 +149,32 @@ def quantized_bytes(out_features: int, in_features: int, quant_type: str, double
     return codes + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 256 * 4 + 4
 
 
-def _config(config: Any) -> Any:
+# Shapes of well-known models, to plan without a config file: `lightning-peft plan llama-7b`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-7b": dict(
+        model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+    ),
+    "llama-13b": dict(
+        model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+    ),
+    "llama-3-8b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    ),
+}  # fmt: skip
+
+
+def model_config(config: Any) -> Any:
+    """A ``transformers`` config from a config, a dict with ``model_type``, a model folder or its
+    config.json, or a name in :data:`PRESETS`."""
     import transformers
 
     if isinstance(config, transformers.PretrainedConfig):
         return config
+    if isinstance(config, str) and config in PRESETS:
+        return model_config(PRESETS[config])
     if isinstance(config, dict):
         config = dict(config)
         if "model_type" not in config:
@@ -163,8 +184,11 @@ def _config(config: Any) -> Any:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(f"no model config at {config}: give a model folder, its config.json, or a dict")
-    return _config(json.loads(path.read_text()))
+        raise ValueError(
+            f"no model config at {config}: give a model folder, its config.json, a dict, or one of "
+            f"{', '.join(PRESETS)}"
+        )
+    return model_config(json.loads(path.read_text()))
 
 
 def _strategy(method: str, strategy: PEFTStrategy | None, r: int) -> PEFTStrategy | None:
@@ -211,7 +235,8 @@ def plan(
     """Estimate the memory of one training step without allocating the model.
 
     Args:
-        config: a ``transformers`` config, a dict with ``model_type``, or a model folder / config.json.
+        config: a ``transformers`` config, a dict with ``model_type``, a model folder / config.json,
+            or a preset name (``"llama-7b"``, see :data:`PRESETS`).
         method: ``"full"`` (every weight trains), ``"lora"`` or ``"qlora"`` (LoRA r on all linear
             layers; QLoRA also stores the base's linear layers in 4 bits).
         strategy: plan this ``PEFTStrategy`` instead of the default LoRA (``method`` says whether
@@ -235,9 +260,9 @@ def plan(
         raise ValueError("plan: " + "; ".join(problems))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model_config = _config(config)
+    built_config = model_config(config)
     with torch.device("meta"):
-        model = getattr(transformers, auto_class).from_config(model_config).to(dtype)
+        model = getattr(transformers, auto_class).from_config(built_config).to(dtype)
     chosen = _strategy(method, strategy, r)
     if chosen is None:
         model.requires_grad_(True)

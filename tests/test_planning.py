@@ -10,7 +10,7 @@ import transformers
 from torch import nn
 
 from lightning_peft import LoRA, QLoRA, load_base_weights, plan, reset_adapters
-from lightning_peft.planning import MemoryPlan, measure_step, quantized_bytes
+from lightning_peft.planning import MemoryPlan, measure_step, model_config, quantized_bytes
 from lightning_peft.strategies.lora import LoRALinear
 
 SMALL = dict(
@@ -23,25 +23,13 @@ SMALL = dict(
     num_key_value_heads=4,
     max_position_embeddings=128,
 )
-LLAMA_7B = dict(
-    model_type="llama",
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-)
 BATCH, SEQ = 2, 64
 
 
-def _build(config: dict, device: str = "cpu") -> nn.Module:
-    config = dict(config)
+def _build(config: dict | str, device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
     with torch.device(device):
-        return transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.for_model(config.pop("model_type"), **config)
-        )
+        return transformers.AutoModelForCausalLM.from_config(model_config(config))
 
 
 def _measure(method: str) -> MemoryPlan:
@@ -117,7 +105,7 @@ def test_quantized_bytes_equal_what_bitsandbytes_stores(quant_type, double_quant
 
 
 def test_lora_applies_to_a_7b_shaped_model_on_meta_without_base_memory():
-    model = _build(LLAMA_7B, "meta")
+    model = _build("llama-7b", "meta")
     LoRA(r=16, target_modules="all-linear").apply(model)
     assert all(p.is_meta for p in model.parameters())  # no storage anywhere: nothing allocated
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]

@@ -88,6 +88,31 @@ class _DroppedLoRA(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None
 
 
+def _down_projection(
+    rows: torch.Tensor, lora_a: torch.Tensor, scaling: float, p: float
+) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """``(hidden, scale, packed mask)``: ``hidden = scale · dropout(rows) Aᵀ`` (N, r), where ``scale``
+    includes inverted dropout's ``1 / keep``; the mask is packed as bits, None without dropout."""
+    if p <= 0:
+        return (rows @ lora_a.T).mul_(scaling), scaling, None
+    keep, keep_p = keep_mask(rows.shape, p, rows.device)
+    scaling = scaling / keep_p
+    return ((rows * keep) @ lora_a.T).mul_(scaling), scaling, _pack_bits(keep)
+
+
+def _input_grad(
+    grad_base: torch.Tensor,
+    weight: torch.Tensor,
+    grad_hidden: torch.Tensor,
+    lora_a: torch.Tensor,
+    keep: torch.Tensor | None,
+) -> torch.Tensor:
+    """``g W + (g_hidden A) ⊙ keep``: the base's and the adapter's input gradients in one buffer."""
+    if keep is None:
+        return (grad_base @ weight).addmm_(grad_hidden, lora_a)
+    return (grad_base @ weight).addcmul_(grad_hidden @ lora_a, keep)
+
+
 class _FusedLoRALinear(torch.autograd.Function):
     """``x Wᵀ + b + (s · dropout(x) Aᵀ) Bᵀ`` as one node for a dense ``nn.Linear`` base.
 
@@ -100,14 +125,7 @@ class _FusedLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p):  # type: ignore[override]
         rows = x.reshape(-1, x.shape[-1])  # (N, in)
-        packed = None
-        if p > 0:
-            keep, keep_p = keep_mask(rows.shape, p, x.device)
-            scaling = scaling / keep_p  # inverted dropout's 1 / keep_p, on the (N, r) hidden
-            hidden = ((rows * keep) @ lora_a.T).mul_(scaling)  # (N, r)
-            packed = _pack_bits(keep)
-        else:
-            hidden = (rows @ lora_a.T).mul_(scaling)  # (N, r)
+        hidden, scaling, packed = _down_projection(rows, lora_a, scaling, p)  # (N, r)
         out = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)  # (N, out)
         out.addmm_(hidden, lora_b.T)
         ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, packed)
@@ -123,13 +141,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         dropped = rows if keep is None else rows * keep
         grad_hidden = (grad @ lora_b).mul_(ctx.scaling)  # (N, r)
         need_x, need_w, need_b, need_a, need_lora_b, _, _ = ctx.needs_input_grad
-        grad_x = None
-        if need_x:
-            if keep is None:
-                grad_x = (grad @ weight).addmm_(grad_hidden, lora_a)
-            else:
-                grad_x = (grad @ weight).addcmul_(grad_hidden @ lora_a, keep)
-            grad_x = grad_x.view_as(x)
+        grad_x = _input_grad(grad, weight, grad_hidden, lora_a, keep).view_as(x) if need_x else None
         grad_w = grad.T @ rows if need_w else None
         grad_bias = grad.sum(dim=0) if need_b and ctx.has_bias else None
         grad_a = grad_hidden.T @ dropped if need_a else None
@@ -152,14 +164,7 @@ class _FusedDoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, norm, scaling, p, save_output):  # type: ignore[override]
         rows = x.reshape(-1, x.shape[-1])  # (N, in)
-        packed = None
-        if p > 0:
-            keep, keep_p = keep_mask(rows.shape, p, x.device)
-            scaling = scaling / keep_p
-            hidden = ((rows * keep) @ lora_a.T).mul_(scaling)  # (N, r)
-            packed = _pack_bits(keep)
-        else:
-            hidden = (rows @ lora_a.T).mul_(scaling)  # (N, r)
+        hidden, scaling, packed = _down_projection(rows, lora_a, scaling, p)  # (N, r)
         out = rows @ weight.T  # (N, out)
         out.addmm_(hidden, lora_b.T)  # s_full
         gain = (magnitude / norm).to(out.dtype)  # (out,)
@@ -184,11 +189,7 @@ class _FusedDoRALinear(torch.autograd.Function):
         grad_hidden = (grad_sum @ lora_b).mul_(ctx.scaling)  # (N, r)
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
         if need_x:
-            if keep is None:
-                grad_x = (grad_sum @ weight).addmm_(grad_hidden, lora_a)
-            else:
-                grad_x = (grad_sum @ weight).addcmul_(grad_hidden @ lora_a, keep)
-            grad_x = grad_x.view_as(x)
+            grad_x = _input_grad(grad_sum, weight, grad_hidden, lora_a, keep).view_as(x)
         if need_w:
             grad_w = grad_sum.T @ rows
         if need_bias and bias is not None:
