@@ -29,8 +29,6 @@ at setup; whatever trains from the start (the adapters) trains in every phase.
 from __future__ import annotations
 
 import bisect
-import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
@@ -43,12 +41,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_peft.callbacks.peft import PEFT, missing_module_error, resolve_module
+from lightning_peft.callbacks.phases import Phase, as_phases, sources
 from lightning_peft.strategies.freeze import find_blocks
 from lightning_peft.strategies.modules_to_save import frozen_copy_prefixes
 from lightning_peft.strategies.named import adapter_names, set_active_adapters
 from lightning_peft.strategies.targeting import (
     candidate_modules,
-    check_spec,
     describe_modules,
     matches,
     validation_error,
@@ -57,45 +55,6 @@ from lightning_peft.strategies.targeting import (
 # set on the adapted module: the names of its parameters that trained before any phase opened more
 _BASELINE_ATTR = "_lightning_peft_curriculum_baseline"
 _INHERITED = ("trainable", "last_n_blocks", "lr", "adapter", "data")
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """One stretch of training, from ``start`` until the next phase starts.
-
-    Every field but ``start`` may be None: the value of the previous phase carries on (for the first
-    phase, None leaves things as the model and the optimizer have them).
-
-    Args:
-        start: the epoch or step (``CurriculumSchedule(unit=...)``) at which the phase begins.
-        trainable: modules whose frozen parameters train in this phase, by peft's rules: a full-match
-            regex or a list of names/dotted suffixes. ``[]`` trains none of them.
-        last_n_blocks: the last N entries of the model's block list also train (0: none).
-        lr: the learning rate of every optimizer param group.
-        adapter: the named adapter(s) that are active (``[]``: none).
-        data: any value, handed to the data (see ``CurriculumSchedule(set_data=...)``).
-
-    Example::
-
-        Phase(start=2, last_n_blocks=2, lr=2e-4, data={"difficulty": "hard"})
-    """
-
-    start: int
-    trainable: str | Sequence[str] | None = None
-    last_n_blocks: int | None = None
-    lr: float | None = None
-    adapter: str | Sequence[str] | None = None
-    data: Any = None
-
-    def __post_init__(self) -> None:
-        # lists become tuples: the phase never shares a list with its caller
-        for name in ("trainable", "adapter"):
-            value = getattr(self, name)
-            if isinstance(value, Sequence) and not isinstance(value, str):
-                object.__setattr__(self, name, tuple(value))
-
-
-_FIELDS = tuple(f.name for f in dataclasses.fields(Phase))
 
 
 class CurriculumSchedule(Callback):
@@ -153,7 +112,7 @@ class CurriculumSchedule(Callback):
         set_data: str | Callable[[Any], None] = "set_phase",
     ) -> None:
         problems: list[str] = []
-        self.phases = _as_phases(phases, problems)
+        self.phases = as_phases(phases, problems)
         if unit not in ("epoch", "step"):
             problems.append(f"unit must be 'epoch' or 'step', got {unit!r}")
         if module is not None and (not isinstance(module, str) or not all(module.split("."))):
@@ -171,7 +130,7 @@ class CurriculumSchedule(Callback):
         self.set_data = set_data
         self._starts = [p.start for p in self.phases]
         # for each field, per phase: the index of the phase whose value is in force there (None: none yet)
-        self._source: dict[str, list[int | None]] = {name: _sources(self.phases, name) for name in _INHERITED}
+        self._source: dict[str, list[int | None]] = {name: sources(self.phases, name) for name in _INHERITED}
         self._params: dict[int, tuple[str, nn.Parameter]] = {}  # id -> (name, parameter) a phase trains
         self._active: list[frozenset[int]] = [frozenset() for _ in self.phases]  # ids trained, per phase
         self._position = 0  # the epoch or step training goes on from
@@ -443,64 +402,3 @@ def _configure_model_then_prepare(
     else:
         inner()  # the PEFT callback's hook: the user's configure_model, then the strategy
     callback.prepare(pl_module, pl_module._trainer)
-
-
-def _as_phases(phases: Any, problems: list[str]) -> list[Phase]:
-    """``phases`` as ``Phase`` objects; appends every problem found to ``problems``."""
-    if isinstance(phases, str | Mapping) or not isinstance(phases, Sequence) or not phases:
-        problems.append(f"phases must be a non-empty list of Phase objects or dicts, got {phases!r}")
-        return []
-    result: list[Phase] = []
-    for i, item in enumerate(phases):
-        if isinstance(item, Mapping):
-            unknown = [k for k in item if k not in _FIELDS]
-            if unknown:
-                problems.append(f"phases[{i}] has unknown keys {unknown}; a phase takes {list(_FIELDS)}")
-            if "start" not in item:
-                problems.append(f"phases[{i}] has no 'start'")
-                continue
-            item = Phase(**{k: v for k, v in item.items() if k in _FIELDS})
-        elif not isinstance(item, Phase):
-            problems.append(f"phases[{i}] must be a Phase or a dict, got {type(item).__name__}")
-            continue
-        problems.extend(_phase_problems(f"phases[{i}]", item))
-        result.append(item)
-    starts = [p.start for p in result if _is_count(p.start)]
-    if starts and (starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:], strict=False))):
-        problems.append(
-            f"phase starts must begin at 0 and increase strictly (sorted, no duplicates); got {starts}"
-        )
-    return result
-
-
-def _phase_problems(where: str, phase: Phase) -> list[str]:
-    problems: list[str] = []
-    if not _is_count(phase.start):
-        problems.append(f"{where}.start must be a non-negative integer, got {phase.start!r}")
-    check_spec(f"{where}.trainable", phase.trainable, problems)
-    if phase.last_n_blocks is not None and not _is_count(phase.last_n_blocks):
-        problems.append(f"{where}.last_n_blocks must be a non-negative integer, got {phase.last_n_blocks!r}")
-    lr = phase.lr
-    if lr is not None and (
-        isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr < 0
-    ):
-        problems.append(f"{where}.lr must be a finite number >= 0, got {lr!r}")
-    adapter = phase.adapter
-    if adapter is not None and not (
-        (isinstance(adapter, str) and adapter)
-        or (isinstance(adapter, tuple) and all(isinstance(a, str) for a in adapter))
-    ):
-        problems.append(f"{where}.adapter must be an adapter name, a list of names, or None; got {adapter!r}")
-    return problems
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _sources(phases: list[Phase], name: str) -> list[int | None]:
-    """For each phase, the index of the latest phase up to it that sets ``name`` (None if none does)."""
-    sources: list[int | None] = []
-    for i, phase in enumerate(phases):
-        sources.append(i if getattr(phase, name) is not None else (sources[-1] if sources else None))
-    return sources
