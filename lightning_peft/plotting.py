@@ -2,9 +2,10 @@
 
 ``write_curves(metrics_csv, png)`` reads Lightning's CSV log and draws one polyline per
 series (``train_loss``, ``val_loss`` and the main metric when present) on a white canvas
-with grey axes. Each series is scaled to its own range. The legend is a column of coloured
-boxes at the top left, in the order of ``SERIES``: blue train_loss, orange val_loss,
-green val_acc / val_ppl.
+with grey axes. Each series is scaled to its own range. The legend at the top left names
+each series with its colour and its first and last values, in the order of ``SERIES``: blue
+train_loss, orange val_loss, green val_acc / val_ppl. ``render_bars`` draws the README's
+benchmark chart. Text uses a built-in 3 x 5 pixel font (digits, capitals, a few signs).
 """
 
 from __future__ import annotations
@@ -51,25 +52,23 @@ def encode_png(pixels: list[bytearray], width: int, height: int) -> bytes:
 
 
 def render(series: dict[str, list[float]], width: int = 480, height: int = 320) -> bytes:
-    """PNG bytes plotting each series against its own index, stretched to the full width."""
-    pixels = [bytearray(b"\xff" * 3 * width) for _ in range(height)]
-
-    def put(x: int, y: int, color: tuple[int, int, int]) -> None:
-        if 0 <= x < width and 0 <= y < height:
-            pixels[y][3 * x : 3 * x + 3] = bytes(color)
+    """PNG bytes plotting each series against its own index, stretched to the full width, with a
+    legend (colour box, name, first -> last value) at the top left."""
+    canvas = _Canvas(width, height)
 
     def line(x0: int, y0: int, x1: int, y1: int, color: tuple[int, int, int]) -> None:
         steps = max(abs(x1 - x0), abs(y1 - y0), 1)
         for i in range(steps + 1):
-            put(round(x0 + (x1 - x0) * i / steps), round(y0 + (y1 - y0) * i / steps), color)
+            x, y = round(x0 + (x1 - x0) * i / steps), round(y0 + (y1 - y0) * i / steps)
+            canvas.rect(x, y, x + 1, y + 1, color)
 
     left, right, top, bottom = 30, width - 10, 10, height - 30
     line(left, bottom, right, bottom, AXIS)
     line(left, top, left, bottom, AXIS)
     for k, (name, values) in enumerate((n, series[n]) for n in SERIES if series.get(n)):
         color = COLORS[name]
-        for dy in range(8):  # legend box
-            line(left + 8, top + 4 + 12 * k + dy, left + 16, top + 4 + 12 * k + dy, color)
+        canvas.rect(left + 8, top + 4 + 14 * k, left + 16, top + 12 + 14 * k, color)  # legend box
+        canvas.text(left + 22, top + 3 + 14 * k, f"{name} {values[0]:.3g} - {values[-1]:.3g}", AXIS)
         lo, hi = min(values), max(values)
         span = (hi - lo) or 1.0
         points = [
@@ -81,7 +80,7 @@ def render(series: dict[str, list[float]], width: int = 480, height: int = 320) 
         ]
         for (x0, y0), (x1, y1) in zip(points, points[1:] or points, strict=False):
             line(x0, y0, x1, y1, color)
-    return encode_png(pixels, width, height)
+    return canvas.png()
 
 
 def write_curves(metrics_csv: Path, png: Path) -> Path:
