@@ -26,6 +26,19 @@ import torch
 from lightning_peft.templates import IGNORE_INDEX
 
 
+def _ids_from(tokenizer: Any, mask_token_id: Any, pad_token_id: Any, special_token_ids: Any) -> tuple:
+    """``(mask, pad, special ids)`` with the ones that are None taken from ``tokenizer``."""
+    if mask_token_id is None:
+        mask_token_id = getattr(tokenizer, "mask_token_id", None)
+        mask_token_id = tokenizer.unk_token_id if mask_token_id is None else mask_token_id
+    if pad_token_id is None:
+        pad_token_id = tokenizer.pad_token_id
+        pad_token_id = tokenizer.eos_token_id if pad_token_id is None else pad_token_id
+    if special_token_ids is None:
+        special_token_ids = tokenizer.all_special_ids
+    return mask_token_id, pad_token_id, special_token_ids
+
+
 def _is_probability(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value < 1.0
 
@@ -52,7 +65,9 @@ class TokenAugmentation:
         mask_token_id: the replacement id; default the tokenizer's mask token, else its unk token.
         pad_token_id: the id put in slots freed by deletion; default the tokenizer's pad (else eos) id.
         special_token_ids: ids never edited; default the tokenizer's special ids, else ``[pad_token_id]``.
-        tokenizer: a Hugging Face tokenizer to take the defaults above from.
+        tokenizer: a Hugging Face tokenizer to take the defaults above from. Without one, the
+            ``TextAugmentation`` callback takes them from the data module's ``tokenizer`` at setup
+            (:meth:`use_tokenizer`); an edit whose id is still missing fails at its first call.
         protect_labels: with per-token ``labels`` (the shape of ``input_ids``), edit only positions
             labelled ``-100``; False edits scored positions too (their labels move with deletions and swaps
             but are not masked).
@@ -77,15 +92,22 @@ class TokenAugmentation:
         protect_labels: bool = True,
         seed: int = 0,
     ) -> None:
+        # ids left unset here may still come from a tokenizer later (use_tokenizer: the callback hands
+        # it the data module's); check_ids() says what is still missing
+        self._unset = {
+            name
+            for name, value in (
+                ("mask_token_id", mask_token_id),
+                ("pad_token_id", pad_token_id),
+                ("special_token_ids", special_token_ids),
+            )
+            if value is None
+        }
         if tokenizer is not None:
-            if mask_token_id is None:
-                mask_token_id = getattr(tokenizer, "mask_token_id", None)
-                mask_token_id = tokenizer.unk_token_id if mask_token_id is None else mask_token_id
-            if pad_token_id is None:
-                pad_token_id = tokenizer.pad_token_id
-                pad_token_id = tokenizer.eos_token_id if pad_token_id is None else pad_token_id
-            if special_token_ids is None:
-                special_token_ids = tokenizer.all_special_ids
+            mask_token_id, pad_token_id, special_token_ids = _ids_from(
+                tokenizer, mask_token_id, pad_token_id, special_token_ids
+            )
+            self._unset = set()
         if special_token_ids is None:
             special_token_ids = [] if pad_token_id is None else [pad_token_id]
         special_token_ids = list(special_token_ids)
@@ -99,10 +121,6 @@ class TokenAugmentation:
                 problems.append(f"{name} must be a token id (an int >= 0), got {value!r}")
         if not all(_is_token_id(i) for i in special_token_ids):
             problems.append(f"special_token_ids must be token ids (ints >= 0), got {special_token_ids!r}")
-        if _is_probability(mask) and mask > 0 and mask_token_id is None:
-            problems.append("mask > 0 needs mask_token_id (or a tokenizer with a mask or unk token)")
-        if _is_probability(delete) and delete > 0 and pad_token_id is None:
-            problems.append("delete > 0 needs pad_token_id (or a tokenizer with a pad or eos token)")
         if not isinstance(protect_labels, bool):
             problems.append(f"protect_labels must be True or False, got {protect_labels!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -118,6 +136,29 @@ class TokenAugmentation:
         self.protect_labels = protect_labels
         self.seed = seed
         self.step = 0  # calls made without an explicit generator
+
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """Take the ids that were not given (mask, pad, special) from ``tokenizer``; given ids stay."""
+        if not self._unset:
+            return
+        mask_id, pad_id, special = _ids_from(
+            tokenizer,
+            None if "mask_token_id" in self._unset else self.mask_token_id,
+            None if "pad_token_id" in self._unset else self.pad_token_id,
+            None if "special_token_ids" in self._unset else self.special_token_ids,
+        )
+        self.mask_token_id, self.pad_token_id, self.special_token_ids = mask_id, pad_id, tuple(special)
+        self._unset = set()
+
+    def check_ids(self) -> None:
+        """Raise ``ValueError`` if an edit that is switched on lacks the id it needs."""
+        problems = []
+        if self.mask > 0 and self.mask_token_id is None:
+            problems.append("mask > 0 needs mask_token_id (or a tokenizer with a mask or unk token)")
+        if self.delete > 0 and self.pad_token_id is None:
+            problems.append("delete > 0 needs pad_token_id (or a tokenizer with a pad or eos token)")
+        if problems:
+            raise ValueError("TokenAugmentation is misconfigured:\n  - " + "\n  - ".join(problems))
 
     def __repr__(self) -> str:
         return (
@@ -161,6 +202,7 @@ class TokenAugmentation:
                 f"TokenAugmentation: input_ids and attention_mask must be (batch, length) of one shape, got "
                 f"{tuple(ids.shape)} and {tuple(attention.shape)}"
             )
+        self.check_ids()
         if generator is None:
             generator = self._next_generator()
         out = dict(batch)

@@ -133,8 +133,11 @@ def test_bad_arguments_are_reported_together():
     with pytest.raises(ValueError) as err:
         TokenAugmentation(delete=1.0, swap=-0.1, mask=0.1, seed="0")
     message = str(err.value)
-    for part in ("delete must be", "swap must be", "mask > 0 needs mask_token_id", "seed must be an int"):
+    for part in ("delete must be", "swap must be", "seed must be an int"):
         assert part in message
+    # an id an edit needs may still come from the data's tokenizer: missing at the first call, it fails
+    with pytest.raises(ValueError, match="mask > 0 needs mask_token_id"):
+        TokenAugmentation(mask=0.1)(make_batch(2, 8, seed=0))
     with pytest.raises(TypeError, match="must be a TokenAugmentation"):
         TextAugmentation(augmentation={"delete": 0.1})
     with pytest.raises(TypeError, match="input_ids and attention_mask"):
@@ -231,3 +234,37 @@ def test_per_example_labels_are_kept_and_do_not_protect_tokens():
     batch = {**big_batch(4, 64), "labels": torch.tensor([0, 1, 0, 1])}
     out = augmentation(mask=0.5)(batch)
     assert torch.equal(out["labels"], batch["labels"]) and (out["input_ids"] == UNK).any()
+
+
+def test_the_callback_takes_unset_ids_from_the_data_modules_tokenizer(tmp_path, char_tok):
+    class Data(L.LightningDataModule):
+        tokenizer = char_tok
+
+        def train_dataloader(self):
+            return loader()
+
+    aug = TokenAugmentation(mask=0.3, pad_token_id=PAD, seed=5)  # mask id and special ids left unset
+    module = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, callbacks=[TextAugmentation(aug)], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=Data())
+    assert aug.mask_token_id == char_tok.unk_token_id and aug.pad_token_id == PAD  # the given id stays
+    assert set(aug.special_token_ids) == set(char_tok.all_special_ids)
+    for seen, original in zip(module.train_batches, loader(), strict=True):
+        changed = seen["input_ids"] != original["input_ids"]
+        assert changed.any() and (seen["input_ids"][changed] == char_tok.unk_token_id).all()
+        assert not torch.isin(original["input_ids"][changed], torch.tensor(char_tok.all_special_ids)).any()
+
+
+def test_the_callback_without_a_tokenizer_fails_at_setup_when_an_id_is_missing(tmp_path):
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, callbacks=[TextAugmentation(TokenAugmentation(delete=0.1))],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    module = Recorder()
+    with pytest.raises(ValueError, match="delete > 0 needs pad_token_id"):
+        trainer.fit(module, train_dataloaders=loader())
+    assert module.train_batches == []  # before the first step

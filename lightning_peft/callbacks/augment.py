@@ -48,6 +48,16 @@ class TextAugmentation(Callback):
         return self._generate_state_key(augmentation=repr(self.augmentation))
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # ids not given take the data module's tokenizer's (InstructionData, TextClassificationData):
+        # the shipped config then fits whichever tokenizer the data uses
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
+        if tokenizer is not None:
+            self.augmentation.use_tokenizer(tokenizer)
+        if stage == "fit":
+            self.augmentation.check_ids()  # fail before the first step, not at it
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
