@@ -261,11 +261,15 @@ class LoRALinear(_LoRABase):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.lora_A.dtype)
+        lora_a, lora_b = self.lora_A, self.lora_B
+        if x.dtype != lora_a.dtype:
+            # float32 adapters over a bfloat16 model (QLoRA): cast the small (r x in, out x r) matrices,
+            # not the input, as autocast would; a float32 copy of x would be saved for every layer
+            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         if self.dropout_p > 0 and self.training:
-            return _DroppedLoRA.apply(x, self.lora_A, self.lora_B, self.scaling, self.dropout_p)
+            return _DroppedLoRA.apply(x, lora_a, lora_b, self.scaling, self.dropout_p)
         # scaling the (..., r) hidden rather than B: autograd then saves nothing larger than peft does
-        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)  # (..., out)
+        return F.linear(F.linear(x, lora_a) * self.scaling, lora_b)  # (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:

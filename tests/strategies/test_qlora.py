@@ -365,3 +365,28 @@ def test_a_model_quantized_on_the_cpu_moves_to_cuda(token_ids: torch.Tensor) -> 
     after = {k: v.cpu() for k, v in _packed_state(model).items()}
     assert all(torch.equal(before[k], after[k]) for k in before)
     torch.testing.assert_close(_logits(model, token_ids.cuda()).cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_qlora_casts_its_float32_adapters_not_the_input() -> None:
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 16)).to(torch.bfloat16)
+    QLoRA(r=8, target_modules=["0"], quantize_modules=["0"], compute_dtype="bfloat16",
+          init_lora_weights=False).apply(model)  # fmt: skip
+    layer = model[0]
+    assert layer.lora_A.dtype == torch.float32
+    x = torch.randn(4, 16, 128, dtype=torch.bfloat16, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert not [t for t in saved if t.dtype == torch.float32 and t.shape == x.shape]  # no float32 copy of x
+    out.float().square().sum().backward()
+    # the float32 formulation on the same (dequantized) weights: bf16 matmuls agree to bf16 precision
+    a, b = layer.lora_A.detach().requires_grad_(), layer.lora_B.detach().requires_grad_()
+    inner = layer.base_layer
+    base = torch.nn.functional.linear(x.detach().float(), dense_weight(inner).float(), inner.bias.float())
+    reference = base + layer.scaling * (x.detach().float() @ a.T) @ b.T
+    reference.square().sum().backward()
+    assert _relative_error(out.float(), reference) < 2e-2
+    assert _relative_error(layer.lora_A.grad, a.grad) < 5e-2
+    assert _relative_error(layer.lora_B.grad, b.grad) < 5e-2
