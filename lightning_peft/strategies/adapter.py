@@ -22,7 +22,6 @@ The adapter adds a non-linearity, so it cannot be merged into the base weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.strategies.base import PEFTStrategy
+from lightning_peft.strategies.base import PEFTStrategy, plain_lists
 from lightning_peft.strategies.modules_to_save import wrap_modules_to_save
 from lightning_peft.strategies.targeting import (
     check_spec,
@@ -170,10 +169,7 @@ class Adapter(PEFTStrategy):
     layers_to_transform: int | list[int] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("target_modules", "modules_to_save", "layers_to_transform"):
-            value = getattr(self, name)
-            if isinstance(value, Sequence) and not isinstance(value, str):
-                setattr(self, name, list(value))  # Hydra's ListConfig -> list
+        plain_lists(self)
         problems: list[str] = []
         factor = self.reduction_factor
         if not isinstance(factor, int) or isinstance(factor, bool) or factor <= 0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -122,6 +122,15 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return value
+
+
+def plain_lists(strategy: Any) -> None:
+    """Make every list-like field of a strategy dataclass a plain ``list`` (Hydra passes ``ListConfig``,
+    users may pass tuples), so that configurations compare, print and serialise alike."""
+    for field in dataclasses.fields(strategy):
+        value = getattr(strategy, field.name)
+        if isinstance(value, Sequence) and not isinstance(value, str | bytes | list):
+            setattr(strategy, field.name, list(value))
 
 
 class PEFTStrategy:

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_peft.strategies.base import PEFTStrategy, strategy_from_config
+from lightning_peft.strategies.base import PEFTStrategy, plain_lists, strategy_from_config
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Compose(PEFTStrategy):
     strategies: list[PEFTStrategy] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.strategies = list(self.strategies)
+        plain_lists(self)
         wrong = [s for s in self.strategies if not isinstance(s, PEFTStrategy)]
         if not self.strategies or wrong:
             raise ValueError(

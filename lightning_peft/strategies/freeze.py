@@ -7,12 +7,11 @@ another method's adapters (LoRA on every block, the last two blocks trained in f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_peft.strategies.base import PEFTStrategy
+from lightning_peft.strategies.base import PEFTStrategy, plain_lists
 from lightning_peft.strategies.modules_to_save import frozen_copy_prefixes
 from lightning_peft.strategies.targeting import (
     DEFAULT_LAYERS_PATTERNS,
@@ -67,8 +66,7 @@ class Freeze(PEFTStrategy):
     blocks: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.trainable_modules, Sequence) and not isinstance(self.trainable_modules, str):
-            self.trainable_modules = list(self.trainable_modules)
+        plain_lists(self)
         problems: list[str] = []
         check_spec("trainable_modules", self.trainable_modules, problems)
         n = self.last_n_blocks

@@ -16,13 +16,12 @@ carry over.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lightning_peft.strategies.base import PEFTStrategy
+from lightning_peft.strategies.base import PEFTStrategy, plain_lists
 from lightning_peft.strategies.modules_to_save import wrap_modules_to_save
 from lightning_peft.strategies.targeting import (
     ALL_LINEAR,
@@ -188,17 +187,7 @@ class IA3(PEFTStrategy):
     init_ia3_weights: bool = True
 
     def __post_init__(self) -> None:
-        for name in (
-            "target_modules",
-            "feedforward_modules",
-            "exclude_modules",
-            "layers_pattern",
-            "modules_to_save",
-            "layers_to_transform",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, Sequence) and not isinstance(value, str):
-                setattr(self, name, list(value))  # Hydra's ListConfig -> list
+        plain_lists(self)
         problems: list[str] = []
         for name in ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save"):
             check_spec(name, getattr(self, name), problems)

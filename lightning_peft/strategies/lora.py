@@ -6,13 +6,12 @@ fast paths.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
 
-from lightning_peft.strategies.base import PEFTStrategy, require_grad_from_input_embeddings
+from lightning_peft.strategies.base import PEFTStrategy, plain_lists, require_grad_from_input_embeddings
 from lightning_peft.strategies.lora_layers import (
     LORA_LAYERS,
     InitLoRA,
@@ -100,16 +99,7 @@ class LoRA(PEFTStrategy):
     init_lora_weights: bool | Literal["gaussian"] = True
 
     def __post_init__(self) -> None:
-        for name in (
-            "target_modules",
-            "exclude_modules",
-            "layers_pattern",
-            "modules_to_save",
-            "layers_to_transform",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, Sequence) and not isinstance(value, str):
-                setattr(self, name, list(value))  # Hydra's ListConfig -> list
+        plain_lists(self)
         validation_error(type(self).__name__, self._problems())
 
     def _problems(self) -> list[str]:

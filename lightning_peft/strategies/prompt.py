@@ -39,7 +39,6 @@ compute it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_peft.strategies.base import PEFTStrategy, input_embeddings_of
+from lightning_peft.strategies.base import PEFTStrategy, input_embeddings_of, plain_lists
 from lightning_peft.strategies.prefix import PrefixEncoder, PrefixTuning
 from lightning_peft.strategies.targeting import validation_error
 from lightning_peft.strategies.virtual_tokens import (
@@ -141,8 +140,7 @@ class PromptTuning(PEFTStrategy):
     init_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.init_token_ids, Sequence) and not isinstance(self.init_token_ids, str):
-            self.init_token_ids = list(self.init_token_ids)  # Hydra's ListConfig -> list
+        plain_lists(self)
         problems: list[str] = []
         positive_int("num_virtual_tokens", self.num_virtual_tokens, problems)
         init, ids = self.prompt_tuning_init, self.init_token_ids

@@ -18,7 +18,6 @@ Quantization runs on the weights' device, the CPU included (bitsandbytes >= 0.45
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -168,11 +167,6 @@ class QLoRA(LoRA):
     double_quant: bool = True
     compute_dtype: ComputeDtype = "bfloat16"
     quantize_modules: str | list[str] = ALL_LINEAR
-
-    def __post_init__(self) -> None:
-        if isinstance(self.quantize_modules, Sequence) and not isinstance(self.quantize_modules, str):
-            self.quantize_modules = list(self.quantize_modules)  # Hydra's ListConfig -> list
-        super().__post_init__()
 
     def _problems(self) -> list[str]:
         problems = super()._problems()
