@@ -51,7 +51,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_peft.callbacks import loss_terms
-from lightning_peft.callbacks.peft import missing_module_error, resolve_module
+from lightning_peft.callbacks.peft import missing_module_error, module_path_problems, resolve_module
 from lightning_peft.strategies.base import input_embeddings_of
 
 Method = Literal["fgm", "pgd", "freelb"]
@@ -240,8 +240,7 @@ class AdversarialTraining(Callback):
             problems.append(f"adv_weight must be a number > 0, got {adv_weight!r}")
         if norm not in _NORMS:
             problems.append(f"norm must be 'l2', 'token_l2' or 'linf', got {norm!r}")
-        if module is not None and (not isinstance(module, str) or not all(module.split("."))):
-            problems.append(f"module must be a dotted attribute path like 'model', got {module!r}")
+        problems.extend(module_path_problems(module))
         if problems:
             raise ValueError("AdversarialTraining: " + "; ".join(problems))
         self.method = method

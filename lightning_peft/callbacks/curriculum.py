@@ -40,7 +40,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import PEFT, missing_module_error, resolve_module
+from lightning_peft.callbacks.peft import PEFT, missing_module_error, module_path_problems, resolve_module
 from lightning_peft.callbacks.phases import Phase, as_phases, sources
 from lightning_peft.strategies.freeze import find_blocks
 from lightning_peft.strategies.modules_to_save import frozen_copy_prefixes
@@ -115,10 +115,7 @@ class CurriculumSchedule(Callback):
         self.phases = as_phases(phases, problems)
         if unit not in ("epoch", "step"):
             problems.append(f"unit must be 'epoch' or 'step', got {unit!r}")
-        if module is not None and (not isinstance(module, str) or not all(module.split("."))):
-            problems.append(
-                f"module must be a dotted attribute path like 'model' or 'backbone.encoder', got {module!r}"
-            )
+        problems.extend(module_path_problems(module))
         if blocks is not None and (not isinstance(blocks, str) or not blocks):
             problems.append(f"blocks must be the name of a ModuleList or None, got {blocks!r}")
         if not (callable(set_data) or (isinstance(set_data, str) and set_data.isidentifier())):

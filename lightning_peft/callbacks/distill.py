@@ -27,7 +27,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_peft.callbacks import loss_terms
-from lightning_peft.callbacks.peft import missing_module_error, resolve_module
+from lightning_peft.callbacks.peft import missing_module_error, module_path_problems, resolve_module
 from lightning_peft.strategies.base import adapter_modules, disable_adapters
 
 
@@ -84,8 +84,7 @@ class Distillation(Callback):
             problems.append(f"temperature must be > 0, got {temperature!r}")
         if not isinstance(logits_key, str) or not logits_key:
             problems.append(f"logits_key must be a non-empty string, got {logits_key!r}")
-        if module is not None and (not isinstance(module, str) or not all(module.split("."))):
-            problems.append(f"module must be a dotted attribute path like 'model', got {module!r}")
+        problems.extend(module_path_problems(module))
         if problems:
             raise ValueError("Distillation: " + "; ".join(problems))
         self.teacher = teacher

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import missing_module_error, resolve_module
+from lightning_peft.callbacks.peft import missing_module_error, module_path_problems, resolve_module
 
 
 def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.Module]:
@@ -161,7 +161,6 @@ def _check(decay: Any, base_lr: Any, module: Any = None) -> None:
         problems.append(f"decay must be in (0, 1], got {decay!r}")
     if base_lr is not None and (not isinstance(base_lr, int | float) or not base_lr > 0):
         problems.append(f"base_lr must be > 0 or None, got {base_lr!r}")
-    if module is not None and (not isinstance(module, str) or not all(module.split("."))):
-        problems.append(f"module must be a dotted attribute path like 'model', got {module!r}")
+    problems.extend(module_path_problems(module))
     if problems:
         raise ValueError("layer-wise lr: " + "; ".join(problems))

@@ -37,7 +37,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import _APPLIED_ATTR, PEFT, missing_module_error, resolve_module
+from lightning_peft.callbacks.peft import (
+    _APPLIED_ATTR,
+    PEFT,
+    missing_module_error,
+    module_path_problems,
+    resolve_module,
+)
 from lightning_peft.mixing import MultiTaskLoader
 from lightning_peft.strategies.base import DEFAULT_ADAPTER, PEFTStrategy, adapter_modules, count_parameters
 from lightning_peft.strategies.compose import as_strategy
@@ -111,10 +117,7 @@ class MultiTaskSchedule(Callback):
                 strategy = as_strategy(strategy)
             except (TypeError, ValueError) as err:
                 problems.append(f"strategy: {err}")
-        if module is not None and (not isinstance(module, str) or not all(module.split("."))):
-            problems.append(
-                f"module must be a dotted attribute path like 'model' or 'backbone.encoder', got {module!r}"
-            )
+        problems.extend(module_path_problems(module))
         if not isinstance(adapter_per_task, bool):
             problems.append(f"adapter_per_task must be True or False, got {adapter_per_task!r}")
         if not isinstance(log_metrics, bool):

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import missing_module_error, resolve_module
+from lightning_peft.callbacks.peft import missing_module_error, module_path_problems, resolve_module
 from lightning_peft.strategies.base import input_embeddings_of
 
 
@@ -90,8 +90,7 @@ class NEFTune(Callback):
         problems = []
         if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not alpha > 0:
             problems.append(f"alpha must be a number > 0, got {alpha!r}")
-        if module is not None and (not isinstance(module, str) or not all(module.split("."))):
-            problems.append(f"module must be a dotted attribute path like 'model', got {module!r}")
+        problems.extend(module_path_problems(module))
         if problems:
             raise ValueError("NEFTune: " + "; ".join(problems))
         self.alpha = float(alpha)

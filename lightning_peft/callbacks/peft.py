@@ -49,6 +49,13 @@ def resolve_module(pl_module: nn.Module, path: str | None) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
+def module_path_problems(module: Any) -> list[str]:
+    """``[]`` for a valid ``module=`` argument (None or a dotted attribute path), else the problem."""
+    if module is None or (isinstance(module, str) and all(module.split("."))):
+        return []
+    return [f"module must be a dotted attribute path like 'model' or 'backbone.encoder', got {module!r}"]
+
+
 def missing_module_error(owner: str, path: str | None, pl_module: nn.Module) -> ValueError:
     """The error for a ``module=`` path that names nothing (yet): it lists the submodules that exist."""
     children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
@@ -84,10 +91,8 @@ class PEFT(Callback):
         save_rng_state: bool = True,
     ) -> None:
         self.strategy = as_strategy(strategy)
-        if module is not None and (not isinstance(module, str) or not all(module.split("."))):
-            raise ValueError(
-                f"module must be a dotted attribute path like 'model' or 'backbone.encoder', got {module!r}"
-            )
+        if problems := module_path_problems(module):
+            raise ValueError(problems[0])
         self.module = module
         self.verbose = verbose
         self.save_rng_state = save_rng_state
