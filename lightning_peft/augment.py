@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lightning_peft.strategies.targeting import validation_error
 from lightning_peft.templates import IGNORE_INDEX
 
 
@@ -125,8 +126,7 @@ class TokenAugmentation:
             problems.append(f"protect_labels must be True or False, got {protect_labels!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             problems.append(f"seed must be an int, got {seed!r}")
-        if problems:
-            raise ValueError("TokenAugmentation is misconfigured:\n  - " + "\n  - ".join(problems))
+        validation_error("TokenAugmentation", problems)
         self.delete = float(delete)
         self.swap = float(swap)
         self.mask = float(mask)
@@ -157,8 +157,7 @@ class TokenAugmentation:
             problems.append("mask > 0 needs mask_token_id (or a tokenizer with a mask or unk token)")
         if self.delete > 0 and self.pad_token_id is None:
             problems.append("delete > 0 needs pad_token_id (or a tokenizer with a pad or eos token)")
-        if problems:
-            raise ValueError("TokenAugmentation is misconfigured:\n  - " + "\n  - ".join(problems))
+        validation_error("TokenAugmentation", problems)
 
     def __repr__(self) -> str:
         return (

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_peft.augment import TokenAugmentation
+from lightning_peft.strategies.targeting import validation_error
 from lightning_peft.templates import ALPACA, InstructionCollator, PromptTemplate
 
 SHIPPED_CSV = Path(__file__).resolve().parent / "data" / "support_intents.csv"
@@ -111,8 +112,7 @@ class SequenceData(L.LightningDataModule):
         problems = [f"{k} must be positive, got {v}" for k, v in sizes.items() if v <= 0]
         if vocab_size <= 4:
             problems.append(f"vocab_size must be above 4, got {vocab_size}")
-        if problems:
-            raise ValueError("SequenceData is misconfigured:\n  - " + "\n  - ".join(problems))
+        validation_error("SequenceData", problems)
         self.save_hyperparameters()
 
     def _make(self, n: int, seed: int, step: int = 1) -> torch.Tensor:
@@ -266,8 +266,7 @@ class InstructionData(L.LightningDataModule):
                 problems.append(f"{name} must be a positive int, got {value!r}")
         if not isinstance(val_fraction, int | float) or not 0.0 < val_fraction < 1.0:
             problems.append(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-        if problems:
-            raise ValueError("InstructionData is misconfigured:\n  - " + "\n  - ".join(problems))
+        validation_error("InstructionData", problems)
         self.path = Path(path) if path is not None else None
         self.template = template if template is not None else ALPACA
         self.tokenizer = self._load_tokenizer(tokenizer, chat_template)

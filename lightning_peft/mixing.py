@@ -16,6 +16,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Sampler
 
+from lightning_peft.strategies.targeting import validation_error
+
 Sampling = Literal["proportional", "temperature", "round_robin", "sequential"]
 SAMPLINGS: tuple[str, ...] = ("proportional", "temperature", "round_robin", "sequential")
 
@@ -168,8 +170,7 @@ class MultiTaskLoader:
             problems.append(f"the loaders of {unsized} have no len(); give steps_per_epoch")
         if sampling in ("proportional", "temperature"):
             sizes = _task_sizes(loaders, sizes, lengths, problems)
-        if problems:
-            raise ValueError("MultiTaskLoader is misconfigured:\n  - " + "\n  - ".join(problems))
+        validation_error("MultiTaskLoader", problems)
 
         self.loaders = dict(loaders)
         self.tasks = list(self.loaders)

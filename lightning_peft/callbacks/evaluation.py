@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from lightning_peft.callbacks.peft import missing_module_error, resolve_module
 from lightning_peft.strategies.base import disable_adapters
+from lightning_peft.strategies.targeting import validation_error
 
 Metric = Literal["accuracy", "f1", "perplexity"]
 METRICS = ("accuracy", "f1", "perplexity")
@@ -79,8 +80,7 @@ class Evaluation(Callback):
             problems.append("generation metrics need a tokenizer (an object or a local folder)")
         if max_new_tokens <= 0:
             problems.append(f"max_new_tokens must be positive, got {max_new_tokens}")
-        if problems:
-            raise ValueError("Evaluation is misconfigured:\n  - " + "\n  - ".join(problems))
+        validation_error("Evaluation", problems)
         self.num_classes = num_classes
         self.module = module
         self.compare_base = compare_base

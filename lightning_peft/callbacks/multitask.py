@@ -48,6 +48,7 @@ from lightning_peft.mixing import MultiTaskLoader
 from lightning_peft.strategies.base import DEFAULT_ADAPTER, PEFTStrategy, adapter_modules, count_parameters
 from lightning_peft.strategies.compose import as_strategy
 from lightning_peft.strategies.named import adapter_names, add_adapter
+from lightning_peft.strategies.targeting import validation_error
 
 SHARED_ADAPTER = "shared"
 _HOOKED_ATTR = "_lightning_peft_multitask_hooked"
@@ -122,8 +123,7 @@ class MultiTaskSchedule(Callback):
             problems.append(f"adapter_per_task must be True or False, got {adapter_per_task!r}")
         if not isinstance(log_metrics, bool):
             problems.append(f"log_metrics must be True or False, got {log_metrics!r}")
-        if problems:
-            raise ValueError("MultiTaskSchedule is misconfigured:\n  - " + "\n  - ".join(problems))
+        validation_error("MultiTaskSchedule", problems)
         self.tasks = names
         self.strategy = strategy
         self.module = module
