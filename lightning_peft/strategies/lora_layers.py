@@ -271,15 +271,21 @@ class LoRALinear(_LoRABase):
         # scaling the (..., r) hidden rather than B: autograd then saves nothing larger than peft does
         return F.linear(F.linear(x, lora_a) * self.scaling, lora_b)  # (..., out)
 
+    def _fuses(self, base: nn.Module, x: torch.Tensor) -> bool:
+        """Whether one fused autograd node can stand for the base and the adapter: a plain dense
+        ``nn.Linear`` base without hooks (they must run) and one dtype throughout. Checked per call:
+        a merge of a quantized base, a hook or ``.to()`` may change any of these later."""
+        return (
+            type(base) is nn.Linear
+            and x.dtype == base.weight.dtype == self.lora_A.dtype
+            and not (base._forward_hooks or base._forward_pre_hooks)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return self.base_layer(x)
         base = self.base_layer
-        if (
-            type(base) is nn.Linear
-            and x.dtype == base.weight.dtype == self.lora_A.dtype
-            and not (base._forward_hooks or base._forward_pre_hooks)
-        ):
+        if self._fuses(base, x):
             p = self.dropout_p if self.training else 0.0
             return _FusedLoRALinear.apply(
                 x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, p
@@ -292,11 +298,7 @@ class LoRALinear(_LoRABase):
         if self.merged or not self.enabled:
             return self.base_layer(x)
         base = self.base_layer
-        if (
-            type(base) is nn.Linear
-            and x.dtype == base.weight.dtype == self.lora_A.dtype
-            and not (base._forward_hooks or base._forward_pre_hooks)
-        ):
+        if self._fuses(base, x):
             return _FusedDoRALinear.apply(
                 x,
                 base.weight,
