@@ -39,7 +39,6 @@ import os
 import platform
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -53,6 +52,7 @@ from safetensors.torch import save as safetensors_bytes  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightning_peft import IA3, Adapter, LoRA, PromptTuning, QLoRA  # noqa: E402
+from lightning_peft.planning import saved_activation_bytes as count_saved_bytes  # noqa: E402
 from lightning_peft.strategies.base import count_parameters, require_grad_from_input_embeddings  # noqa: E402
 
 
@@ -158,26 +158,10 @@ def step(variant: Variant, ids: torch.Tensor) -> None:
 
 
 def saved_activation_bytes(variant: Variant, ids: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward during one training forward: each storage once, no parameters."""
-    params = {p.untyped_storage().data_ptr() for p in variant.model.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in variant.model.buffers()}
-    saved: list[weakref.ref] = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        saved.append(weakref.ref(tensor))
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = training_loss(variant.model, ids)
-    # only what the graph still holds: parts of the graph built and dropped inside the forward (a
-    # norm computed with grad, then detached) freed their tensors, whose addresses may be reused
-    storages = {}
-    for ref in saved:
-        tensor = ref()
-        if tensor is not None and tensor.untyped_storage().data_ptr() not in params:
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    del loss
-    return sum(storages.values())
+    """Bytes autograd keeps for backward during one training forward: each storage once, no parameters,
+    only what the graph still holds at the end (peft's DoRA builds and drops a graph for its norm)."""
+    model = variant.model
+    return count_saved_bytes(lambda: training_loss(model, ids), [*model.parameters(), *model.buffers()])
 
 
 def checkpoint_bytes(model: nn.Module) -> int:

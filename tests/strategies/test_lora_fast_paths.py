@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import tiny_llama
 from torch import nn
 
+from lightning_peft.planning import saved_activation_bytes
 from lightning_peft.strategies import LoRA, LoRALinear
 from lightning_peft.strategies.lora_autograd import _pack_bits, _unpack_bits, keep_mask
 
@@ -40,17 +41,7 @@ def _grads(out: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...
 
 def _saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
     """Bytes autograd saves during one forward: each storage once, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.untyped_storage().data_ptr() not in params:
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids)
-    return sum(storages.values())
+    return saved_activation_bytes(lambda: model(ids), [*model.parameters(), *model.buffers()])
 
 
 # ------------------------------------------------------------------------------------ fused, no dropout
