@@ -275,25 +275,47 @@ def input_embeddings_of(module: nn.Module) -> nn.Module | None:
     return found if isinstance(found, nn.Module) else None
 
 
-class _OutputRequiresGrad:
-    """Forward hook: a frozen module's output requires grad (a class, so that models still pickle)."""
+def checkpoints_activations(model: nn.Module) -> bool:
+    """Whether any module of ``model`` has activation checkpointing on (Hugging Face's flag)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
+class _OutputRequiresGradWhileCheckpointing:
+    """Forward hook: the output of frozen input embeddings requires grad while ``owner`` checkpoints.
+
+    A class, so that models still pickle and deep-copy (the owner reference follows the copy).
+    """
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner
 
     def __call__(self, module: nn.Module, args: object, output: object) -> None:
-        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+        if (
+            torch.is_grad_enabled()
+            and isinstance(output, torch.Tensor)
+            and not output.requires_grad
+            and checkpoints_activations(self.owner)
+        ):
             output.requires_grad_(True)
 
 
 def require_grad_from_input_embeddings(model: nn.Module) -> None:
-    """Make the output of every Hugging Face model's input embeddings require grad while grad is on.
+    """While activation checkpointing is on, make the input embeddings' output require grad.
 
-    Reentrant gradient checkpointing backpropagates into a block only if one of its tensor inputs
-    requires grad; with frozen embeddings none does and the adapters get no gradient. transformers'
+    Reentrant checkpointing backpropagates into a block only if one of its tensor inputs requires
+    grad; with frozen embeddings none does and the adapters inside get no gradient. transformers'
     ``enable_input_require_grads()`` does the same, but not in every version nor in every order of
-    calls. Costs one extra gradient (the first block's input); calling it again adds no second hook.
+    calls. The hook looks at the model's ``gradient_checkpointing`` flags on every training forward,
+    so checkpointing may be switched on or off before or after the adapters are applied. Without
+    checkpointing nothing is done: the backward then stops at the first adapter and skips the first
+    block's gradient with respect to its input (for which nothing is trained). Calling it again adds
+    no second hook. Blocks checkpointed by hand with ``use_reentrant=True`` need
+    ``model.enable_input_require_grads()``.
     """
     for module in model.modules():
         embeddings = input_embeddings_of(module)
         if embeddings is not None and not any(
-            isinstance(hook, _OutputRequiresGrad) for hook in embeddings._forward_hooks.values()
+            isinstance(hook, _OutputRequiresGradWhileCheckpointing)
+            for hook in embeddings._forward_hooks.values()
         ):
-            embeddings.register_forward_hook(_OutputRequiresGrad())
+            embeddings.register_forward_hook(_OutputRequiresGradWhileCheckpointing(module))
