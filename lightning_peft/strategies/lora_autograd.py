@@ -5,14 +5,17 @@
 - :class:`_DroppedLoRA`: the dropout branch of the other layers; like the fused one it keeps ``x`` and
   the dropout mask packed one bit per element (1/32 of a float32 copy) and rebuilds the dropped
   input in backward.
-- :func:`keep_mask`: dropout masks from 16-bit uniform numbers, four per 64-bit draw.
+- :func:`dropout_mask`: dropout masks from 16-bit uniform numbers, four per 64-bit draw, one per
+  input tensor: the layers that read the same tensor share it.
 - :class:`_DoRAScale`: DoRA's ``m / ||W + s B A||`` scaling; it saves the layer output and recovers the
   unscaled sum in backward instead of saving a second output-sized tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +37,21 @@ def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_bits(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """The 0/1 tensor of ``shape`` back from :func:`_pack_bits`, as ``dtype`` (bool or floating)."""
     spread = (packed.to(torch.int64) * _SPREAD) & _SELECT  # (bytes,) int64: one mask bit in each byte
-    flat = spread.view(torch.uint8).ne(0)
-    return flat[: shape.numel()].view(shape).to(dtype)
+    flat = spread.view(torch.uint8)[: shape.numel()]  # byte i holds 0 or 2**(i % 8)
+    if dtype == torch.bool:
+        return flat.ne(0).view(shape)
+    # uint8 -> float and a clamp: a quarter of the cost of going through bool
+    return flat.to(dtype).clamp_(max=1).view(shape)
+
+
+def _uniform16(numel: int, p: float, device: torch.device | str) -> tuple[torch.Tensor, int, float]:
+    """``numel`` uniform int16 numbers (four per 64-bit draw of the default generator), the value from
+    which an element is kept, and the exact keep probability (``p`` in steps of 1/65536)."""
+    threshold = round(p * 65536)
+    words = torch.empty(-(-numel // 4), dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    return words.view(torch.int16)[:numel], threshold - 32768, (65536 - threshold) / 65536
 
 
 def keep_mask(
@@ -48,11 +63,54 @@ def keep_mask(
     ``bernoulli_`` on the CPU. ``p`` is rounded to a multiple of 1/65536 (0.05 -> 0.0500031); the
     returned keep probability is the exact one, for the ``1 / keep`` of inverted dropout.
     """
-    numel = math.prod(shape)
-    threshold = round(p * 65536)
-    words = torch.empty(-(-numel // 4), dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-    uniform = words.view(torch.int16)[:numel].view(shape)  # uniform over [-32768, 32767]
-    return uniform >= threshold - 32768, (65536 - threshold) / 65536
+    uniform, lowest_kept, keep_p = _uniform16(math.prod(shape), p, device)
+    return (uniform >= lowest_kept).view(shape), keep_p
+
+
+class DropoutMask(NamedTuple):
+    """One dropout draw for an input ``x``: ``keep`` (0/1 in ``x``'s dtype and shape), the same mask
+    packed one bit per element (what backward keeps), and the probability of keeping."""
+
+    keep: torch.Tensor
+    packed: torch.Tensor
+    keep_p: float
+
+
+class _SharedDraw(NamedTuple):
+    version: int
+    p: float
+    packed: torch.Tensor  # only the bits: a float mask attached to x would live as long as x
+    keep_p: float
+    readers: set[int]
+
+
+_SHARED = "_lightning_peft_dropout"
+
+
+def dropout_mask(x: torch.Tensor, p: float, reader: object) -> DropoutMask:
+    """The dropout mask ``reader`` (a LoRA layer) applies to ``x``: the one ``x`` already carries when
+    another layer drew it for the same tensor (same ``p``, ``x`` unchanged since), else a new draw.
+
+    Layers that read one tensor (q, k and v; gate and up) so share one mask, drawn once and kept once
+    (its packed bits are the same storage in every layer's backward); peft draws one per layer. The
+    draw's bits are attached to ``x`` itself, so they live as long as ``x``; a layer that reads ``x`` again (a
+    second forward on the same tensor) draws afresh, as it would without sharing. Same keep
+    probability and, per layer, the same distribution as independent masks.
+    """
+    shared: _SharedDraw | None = getattr(x, _SHARED, None)
+    key = id(reader)
+    if shared is not None and shared.version == x._version and shared.p == p and key not in shared.readers:
+        shared.readers.add(key)
+        keep = _unpack_bits(shared.packed, x.shape, x.dtype)
+        return DropoutMask(keep, shared.packed, shared.keep_p)
+    uniform, lowest_kept, keep_p = _uniform16(x.numel(), p, x.device)
+    # keep = clamp(u - lowest_kept + 1, 0, 1): floats straight from the integers, cheaper than a bool
+    # mask times x (a mixed-dtype multiply); exact in float32 for every int16 value
+    keep = uniform.to(torch.float32).sub_(lowest_kept - 1).clamp_(0, 1).view(x.shape).to(x.dtype)
+    mask = DropoutMask(keep, _pack_bits(uniform >= lowest_kept), keep_p)
+    with contextlib.suppress(AttributeError, RuntimeError):  # a tensor without attributes: no sharing
+        setattr(x, _SHARED, _SharedDraw(x._version, p, mask.packed, keep_p, {key}))
+    return mask
 
 
 class _DroppedLoRA(torch.autograd.Function):
@@ -62,23 +120,22 @@ class _DroppedLoRA(torch.autograd.Function):
     Autograd would save, for every adapted layer, ``dropout(x)`` (the size of ``x``) and its mask; the
     q, k and v projections read one ``x`` but each drops it on its own, so that is three copies. Here
     backward rebuilds ``dropout(x)`` from ``x`` (kept anyway for ``A``'s gradient, and shared by the
-    projections reading the same tensor) and the mask, saved as one bit per element: 1/32 of a
-    float32 copy. Each layer draws its own mask (:func:`keep_mask`), as in peft.
+    projections reading the same tensor) and the mask's bits (:func:`dropout_mask`): 1/32 of a
+    float32 copy, and one for all the layers that read ``x``.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scaling, p):  # type: ignore[override]
-        keep, keep_p = keep_mask(x.shape, p, x.device)
+    def forward(ctx, x, lora_a, lora_b, scaling, mask):  # type: ignore[override]
         # the 1 / keep_p of inverted dropout goes on the (..., r) hidden, not on the (..., in) input
-        hidden = F.linear(x * keep, lora_a) * (scaling / keep_p)  # (..., r)
-        ctx.save_for_backward(x, lora_a, lora_b, hidden, _pack_bits(keep))
-        ctx.scale = scaling / keep_p
+        hidden = F.linear(x * mask.keep, lora_a) * (scaling / mask.keep_p)  # (..., r)
+        ctx.save_for_backward(x, lora_a, lora_b, hidden, mask.packed)
+        ctx.scale = scaling / mask.keep_p
         return F.linear(hidden, lora_b)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, lora_a, lora_b, hidden, packed = ctx.saved_tensors
-        keep = _unpack_bits(packed, x.shape)
+        keep = _unpack_bits(packed, x.shape, x.dtype)
         grad_hidden = (grad_out @ lora_b) * ctx.scale  # (..., r), with 1 / keep_p
         grad_b = grad_out.flatten(0, -2).T @ hidden.flatten(0, -2) if ctx.needs_input_grad[2] else None
         grad_a = None
@@ -89,15 +146,14 @@ class _DroppedLoRA(torch.autograd.Function):
 
 
 def _down_projection(
-    rows: torch.Tensor, lora_a: torch.Tensor, scaling: float, p: float
+    rows: torch.Tensor, lora_a: torch.Tensor, scaling: float, mask: DropoutMask | None
 ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
     """``(hidden, scale, packed mask)``: ``hidden = scale · dropout(rows) Aᵀ`` (N, r), where ``scale``
-    includes inverted dropout's ``1 / keep``; the mask is packed as bits, None without dropout."""
-    if p <= 0:
+    includes inverted dropout's ``1 / keep``; the packed mask is None without dropout."""
+    if mask is None:
         return (rows @ lora_a.T).mul_(scaling), scaling, None
-    keep, keep_p = keep_mask(rows.shape, p, rows.device)
-    scaling = scaling / keep_p
-    return ((rows * keep) @ lora_a.T).mul_(scaling), scaling, _pack_bits(keep)
+    scaling = scaling / mask.keep_p
+    return ((rows * mask.keep.view(rows.shape)) @ lora_a.T).mul_(scaling), scaling, mask.packed
 
 
 def _input_grad(
@@ -118,14 +174,14 @@ class _FusedLoRALinear(torch.autograd.Function):
 
     The update is added into the base output in place (``addmm_``), and in backward the adapter's
     input gradient into the base's, instead of autograd allocating a sum for each. Saves ``x`` and
-    the ``(..., r)`` hidden, as the unfused form does, plus with dropout (``p > 0``) the keep mask as
-    bits (see :class:`_DroppedLoRA`); ``p = 0`` is plain LoRA.
+    the ``(..., r)`` hidden, as the unfused form does, plus with dropout (a ``mask``) the keep mask as
+    bits (see :class:`_DroppedLoRA`); ``mask=None`` is plain LoRA.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask):  # type: ignore[override]
         rows = x.reshape(-1, x.shape[-1])  # (N, in)
-        hidden, scaling, packed = _down_projection(rows, lora_a, scaling, p)  # (N, r)
+        hidden, scaling, packed = _down_projection(rows, lora_a, scaling, mask)  # (N, r)
         out = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)  # (N, out)
         out.addmm_(hidden, lora_b.T)
         ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, packed)
@@ -137,7 +193,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         x, weight, lora_a, lora_b, hidden, packed = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         rows = x.reshape(-1, x.shape[-1])
-        keep = None if packed is None else _unpack_bits(packed, rows.shape)
+        keep = None if packed is None else _unpack_bits(packed, rows.shape, rows.dtype)
         dropped = rows if keep is None else rows * keep
         grad_hidden = (grad @ lora_b).mul_(ctx.scaling)  # (N, r)
         need_x, need_w, need_b, need_a, need_lora_b, _, _ = ctx.needs_input_grad
@@ -162,9 +218,9 @@ class _FusedDoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, norm, scaling, p, save_output):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, norm, scaling, mask, save_output):  # type: ignore[override]
         rows = x.reshape(-1, x.shape[-1])  # (N, in)
-        hidden, scaling, packed = _down_projection(rows, lora_a, scaling, p)  # (N, r)
+        hidden, scaling, packed = _down_projection(rows, lora_a, scaling, mask)  # (N, r)
         out = rows @ weight.T  # (N, out)
         out.addmm_(hidden, lora_b.T)  # s_full
         gain = (magnitude / norm).to(out.dtype)  # (out,)
@@ -184,7 +240,7 @@ class _FusedDoRALinear(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         grad = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         rows = x.reshape(-1, x.shape[-1])
-        keep = None if packed is None else _unpack_bits(packed, rows.shape)
+        keep = None if packed is None else _unpack_bits(packed, rows.shape, rows.dtype)
         grad_sum = grad * gain  # (N, out): the gradient of s_full
         grad_hidden = (grad_sum @ lora_b).mul_(ctx.scaling)  # (N, r)
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None

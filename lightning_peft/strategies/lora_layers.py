@@ -34,10 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.strategies.lora_autograd import (
+    DropoutMask,
     _DoRAScale,
     _DroppedLoRA,
     _FusedDoRALinear,
     _FusedLoRALinear,
+    dropout_mask,
 )
 from lightning_peft.strategies.quantized import dense_weight, dequantized_linear, quantized_kind
 from lightning_peft.strategies.targeting import inner_layer, is_conv1d
@@ -266,10 +268,14 @@ class LoRALinear(_LoRABase):
             # float32 adapters over a bfloat16 model (QLoRA): cast the small (r x in, out x r) matrices,
             # not the input, as autocast would; a float32 copy of x would be saved for every layer
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        if self.dropout_p > 0 and self.training:
-            return _DroppedLoRA.apply(x, lora_a, lora_b, self.scaling, self.dropout_p)
+        mask = self._dropout_mask(x)
+        if mask is not None:
+            return _DroppedLoRA.apply(x, lora_a, lora_b, self.scaling, mask)
         # scaling the (..., r) hidden rather than B: autograd then saves nothing larger than peft does
         return F.linear(F.linear(x, lora_a) * self.scaling, lora_b)  # (..., out)
+
+    def _dropout_mask(self, x: torch.Tensor) -> DropoutMask | None:
+        return dropout_mask(x, self.dropout_p, self) if self.dropout_p > 0 and self.training else None
 
     def _fuses(self, base: nn.Module, x: torch.Tensor) -> bool:
         """Whether one fused autograd node can stand for the base and the adapter: a plain dense
@@ -286,9 +292,8 @@ class LoRALinear(_LoRABase):
             return self.base_layer(x)
         base = self.base_layer
         if self._fuses(base, x):
-            p = self.dropout_p if self.training else 0.0
             return _FusedLoRALinear.apply(
-                x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, p
+                x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, self._dropout_mask(x)
             )
         # a quantized, hooked or stacked base, a Conv1D or mixed dtypes: the layers as they are
         result = base(x)  # (..., out)
@@ -308,7 +313,7 @@ class LoRALinear(_LoRABase):
                 self.lora_magnitude_vector,
                 self._dora_row_norm(base.weight),
                 self.scaling,
-                self.dropout_p if self.training else 0.0,
+                self._dropout_mask(x),
                 self.dora_saves_output,
             )
         # a dequantized base weight may come back in another dtype than x (LLM.int8 gives float32)

@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_peft.planning import saved_activation_bytes
 from lightning_peft.strategies import LoRA, LoRALinear
-from lightning_peft.strategies.lora_autograd import _pack_bits, _unpack_bits, keep_mask
+from lightning_peft.strategies.lora_autograd import _pack_bits, _unpack_bits, dropout_mask, keep_mask
 
 IN, OUT, RANK, ALPHA = 16, 12, 4, 8.0
 SCALE = ALPHA / RANK
@@ -131,6 +131,85 @@ def test_dropout_masks_are_reproducible_from_the_seed_and_differ_between_steps()
     torch.manual_seed(3)
     assert torch.equal(layer(x), first)
     assert not torch.equal(first, second)
+
+
+class _TwoReaders(nn.Module):
+    """Two linear layers reading one tensor, as q and k do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(IN, OUT), nn.Linear(IN, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x) + self.k(x)
+
+
+def _two_readers(p: float) -> nn.Module:
+    torch.manual_seed(0)
+    strategy = LoRA(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=p, target_modules=["q", "k"], init_lora_weights=False
+    )
+    return strategy.apply(_TwoReaders()).train()
+
+
+@pytest.mark.parametrize("path", ["fused", "unfused"])
+def test_layers_reading_one_tensor_share_one_mask_drawn_and_kept_once(path: str) -> None:
+    model = _two_readers(0.3)
+    if path == "unfused":
+        for layer in (model.q, model.k):
+            layer.base_layer.register_forward_hook(lambda *args: None)
+    x = _input()
+    adapters = (model.q.lora_A, model.q.lora_B, model.k.lora_A, model.k.lora_B)
+    torch.manual_seed(7)
+    got = model(x)
+    got_grads = _grads(got, x, *adapters)
+    torch.manual_seed(7)
+    keep, keep_p = keep_mask(x.shape, 0.3)  # one draw, for both layers
+    expected = sum(
+        F.linear(x, m.base_layer.weight, m.base_layer.bias)
+        + SCALE * F.linear(F.linear(x * keep / keep_p, m.lora_A), m.lora_B)
+        for m in (model.q, model.k)
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got_grads, _grads(expected, x, *adapters), strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    # backward keeps the mask's bits once, whichever layers read x: 240 elements, 30 bytes
+    with_dropout = _saved_bytes(model, x)
+    assert with_dropout - _saved_bytes(_two_readers(0.0), x) == x.numel() // 8
+
+
+def test_a_mask_is_shared_only_for_the_same_unchanged_tensor_and_p_and_once_per_layer() -> None:
+    q, k = object(), object()
+    x = _input(requires_grad=False)
+    first = dropout_mask(x, 0.5, q)
+    assert dropout_mask(x, 0.5, k).packed is first.packed  # another reader: the same draw
+    again = dropout_mask(x, 0.5, q)  # q reads x a second time (a second forward): a new draw
+    assert not torch.equal(again.packed, first.packed)
+    assert dropout_mask(x, 0.5, k).packed is again.packed  # and k follows q's second forward
+    assert dropout_mask(x, 0.25, k).packed is not again.packed  # another p
+    changed = dropout_mask(x, 0.25, q).packed
+    x.mul_(1.0)  # changed in place since the draw
+    assert dropout_mask(x, 0.25, k).packed is not changed
+    assert dropout_mask(x.clone(), 0.25, k).packed is not changed  # an equal but other tensor
+    # the float mask agrees with the bits and keeps about 1 - p
+    mask = dropout_mask(torch.zeros(1000, 64), 0.25, q)
+    assert torch.equal(mask.keep, _unpack_bits(mask.packed, mask.keep.shape, torch.float32))
+    assert abs(mask.keep.mean().item() - 0.75) < 0.01 and set(mask.keep.unique().tolist()) == {0.0, 1.0}
+
+
+def test_llama_draws_one_mask_per_input_tensor(ids: torch.Tensor) -> None:
+    # per block: q/k/v share the normed input, gate/up the normed residual; o and down read their own
+    model = LoRA(r=4, lora_dropout=0.1).apply(tiny_llama()).train()
+    masks: set[int] = set()
+
+    def keep_bits(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dtype == torch.uint8:
+            masks.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep_bits, lambda t: t):
+        model(ids)
+    assert len(masks) == 2 * 4
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 16), (7, 3)], ids=["multiple-of-8", "padded"])
