@@ -97,9 +97,13 @@ def dropout_mask(x: torch.Tensor, p: float, reader: object) -> DropoutMask:
     second forward on the same tensor) draws afresh, as it would without sharing. Same keep
     probability and, per layer, the same distribution as independent masks.
     """
-    shared: _SharedDraw | None = getattr(x, _SHARED, None)
+    try:
+        version = x._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: no sharing
+        version = None
+    shared: _SharedDraw | None = getattr(x, _SHARED, None) if version is not None else None
     key = id(reader)
-    if shared is not None and shared.version == x._version and shared.p == p and key not in shared.readers:
+    if shared is not None and shared.version == version and shared.p == p and key not in shared.readers:
         shared.readers.add(key)
         keep = _unpack_bits(shared.packed, x.shape, x.dtype)
         return DropoutMask(keep, shared.packed, shared.keep_p)
@@ -108,8 +112,9 @@ def dropout_mask(x: torch.Tensor, p: float, reader: object) -> DropoutMask:
     # mask times x (a mixed-dtype multiply); exact in float32 for every int16 value
     keep = uniform.to(torch.float32).sub_(lowest_kept - 1).clamp_(0, 1).view(x.shape).to(x.dtype)
     mask = DropoutMask(keep, _pack_bits(uniform >= lowest_kept), keep_p)
-    with contextlib.suppress(AttributeError, RuntimeError):  # a tensor without attributes: no sharing
-        setattr(x, _SHARED, _SharedDraw(x._version, p, mask.packed, keep_p, {key}))
+    if version is not None:
+        with contextlib.suppress(AttributeError, RuntimeError):  # a tensor without attributes: no sharing
+            setattr(x, _SHARED, _SharedDraw(version, p, mask.packed, keep_p, {key}))
     return mask
 
 

@@ -197,6 +197,23 @@ def test_a_mask_is_shared_only_for_the_same_unchanged_tensor_and_p_and_once_per_
     assert abs(mask.keep.mean().item() - 0.75) < 0.01 and set(mask.keep.unique().tolist()) == {0.0, 1.0}
 
 
+def test_dropout_in_train_mode_under_inference_mode_draws_per_layer() -> None:
+    # inference tensors have no version counter, so nothing is shared; the layers still drop
+    model = _two_readers(0.5)
+    with torch.inference_mode():
+        x = _input(requires_grad=False)
+        torch.manual_seed(7)
+        got = model(x)
+        torch.manual_seed(7)
+        masks = [keep_mask(x.shape, 0.5) for _ in range(2)]  # two draws, one per layer
+        expected = sum(
+            F.linear(x, m.base_layer.weight, m.base_layer.bias)
+            + SCALE * F.linear(F.linear(x * keep / keep_p, m.lora_A), m.lora_B)
+            for m, (keep, keep_p) in zip((model.q, model.k), masks, strict=True)
+        )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_llama_draws_one_mask_per_input_tensor(ids: torch.Tensor) -> None:
     # per block: q/k/v share the normed input, gate/up the normed residual; o and down read their own
     model = LoRA(r=4, lora_dropout=0.1).apply(tiny_llama()).train()
