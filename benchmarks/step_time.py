@@ -332,13 +332,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--methods", default=",".join(n for n in methods(argparse.Namespace(dtype=None))))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
     parser.add_argument("--quick", action="store_true", help="hidden 512, intermediate 1376")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate = 512, 1376
     # the settings: fp32 on the CPU, bf16 on a GPU
-    args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    args.dtype = getattr(torch, args.dtype)
     return args
 
 

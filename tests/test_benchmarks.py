@@ -1,0 +1,90 @@
+"""benchmarks/step_time.py on a tiny Llama: the table's columns hold what they say.
+
+Only what is exact is asserted (parameter counts, checkpoint bytes, saved-activation bytes, the FLOP
+floor); step times are whatever the machine gives and are only checked to be recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+step_time = pytest.importorskip("step_time")
+
+METHODS = ["limit", "lora", "lora-input-grads", "peft-lora", "lora-dropout", "dora", "qlora", "full"]
+HIDDEN, INTERMEDIATE, LAYERS, R = 64, 128, 2, 16
+
+
+def _run(tmp_path: Path, dtype: str) -> dict[str, dict]:
+    out = tmp_path / f"{dtype}.json"
+    step_time.main(
+        [
+            *("--hidden", str(HIDDEN), "--intermediate", str(INTERMEDIATE), "--layers", str(LAYERS)),
+            *("--vocab", "128", "--seq", "16", "--threads", "1", "--rounds", "2", "--warmup", "0"),
+            *("--methods", ",".join(METHODS), "--dtype", dtype, "--json", str(out)),
+        ]
+    )
+    record = json.loads(out.read_text())
+    assert record["settings"]["dtype"] == f"torch.{dtype}"
+    return record
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("bench")
+    return {dtype: _run(tmp, dtype) for dtype in ("float32", "bfloat16")}
+
+
+def _rows(record: dict) -> dict[str, dict]:
+    return {row["method"]: row for row in record["rows"]}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_method_is_timed_against_the_limit(runs: dict[str, dict], dtype: str) -> None:
+    rows = _rows(runs[dtype])
+    assert list(rows) == METHODS
+    assert rows["limit"]["x_limit"] == 1.0
+    for row in rows.values():
+        assert len(row["times_s"]) == 2 and all(t > 0 for t in row["times_s"])
+    assert rows["lora"]["x_peft"] is not None and rows["dora"]["x_peft"] is None  # peft-dora not run
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_parameter_counts_and_checkpoint_bytes_are_the_adapters(runs: dict[str, dict], dtype: str) -> None:
+    rows = _rows(runs[dtype])
+    # r (in + out) per projection: q, k, v, o (64 -> 64), gate, up (64 -> 128), down (128 -> 64)
+    per_layer = R * (4 * 2 * HIDDEN + 3 * (HIDDEN + INTERMEDIATE))
+    for method in ("lora", "lora-input-grads", "peft-lora", "lora-dropout", "qlora"):
+        assert rows[method]["trainable"] == LAYERS * per_layer, method
+    # DoRA adds a magnitude per output: q, k, v, o, down (64) and gate, up (128)
+    assert rows["dora"]["trainable"] == LAYERS * (per_layer + 5 * HIDDEN + 2 * INTERMEDIATE)
+    assert rows["full"]["trainable"] == rows["full"]["total"] == rows["limit"]["total"]
+    lora_bytes = rows["lora"]["ckpt_kib"] * 1024
+    itemsize = {"float32": 4, "bfloat16": 2}[dtype]  # the adapters take the base's dtype
+    assert LAYERS * per_layer * itemsize < lora_bytes < LAYERS * per_layer * itemsize + 8192  # + header
+
+
+def test_saved_activations_follow_the_method_and_the_dtype(runs: dict[str, dict]) -> None:
+    fp32, bf16 = _rows(runs["float32"]), _rows(runs["bfloat16"])
+    # stopping at the first adapter keeps less than going on to the inputs; dropout's bits are small
+    assert fp32["lora"]["saved_mib"] < fp32["lora-input-grads"]["saved_mib"]
+    assert fp32["lora"]["saved_mib"] <= fp32["peft-lora"]["saved_mib"]
+    assert fp32["lora-dropout"]["saved_mib"] <= 1.05 * fp32["lora"]["saved_mib"]
+    # bfloat16 halves what the model keeps (the loss's float32 logits stay)
+    ratio = bf16["limit"]["saved_mib"] / fp32["limit"]["saved_mib"]
+    assert 0.5 <= ratio < 0.7
+
+
+def test_the_flop_floor_counts_the_skipped_input_gradients(runs: dict[str, dict]) -> None:
+    floor = runs["float32"]["lora_flop_floor"]
+    # with every input gradient: 1 + 6 L / 4 P over the linear weights, the head included
+    lora = LAYERS * R * (4 * 2 * HIDDEN + 3 * (HIDDEN + INTERMEDIATE))
+    linear = LAYERS * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE) + 128 * HIDDEN
+    assert floor["with_input_grads"] == pytest.approx(1 + 6 * lora / (4 * linear))
+    # as run: the first block's q, k, v skip the base's 2 in out and the adapter's 2 r in per token
+    skipped = 3 * (2 * HIDDEN * HIDDEN + 2 * R * HIDDEN)
+    assert floor["as_run"] == pytest.approx(floor["with_input_grads"] - skipped / (4 * linear))
