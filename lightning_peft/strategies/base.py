@@ -155,7 +155,8 @@ class PEFTStrategy:
         """Adapt ``model`` in place: inject adapters, then freeze all but what the method trains.
 
         The new adapter modules are tagged with ``adapter_name`` (see ``named.add_adapter`` for
-        several named adapters on one model).
+        several named adapters on one model). Hugging Face models also get the hook that reentrant
+        gradient checkpointing needs (:func:`require_grad_from_input_embeddings`).
         """
         before = {id(m) for _, m in adapter_modules(model)}
         self.inject(model)
@@ -163,6 +164,7 @@ class PEFTStrategy:
             if id(module) not in before:
                 module.adapter_name = adapter_name
         freeze_all_but(model, set(adapter_parameter_names(model)) | self.extra_trainable(model))
+        require_grad_from_input_embeddings(model)  # only acts while gradient checkpointing is on
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:

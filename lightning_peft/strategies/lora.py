@@ -11,7 +11,7 @@ from typing import Literal
 
 from torch import nn
 
-from lightning_peft.strategies.base import PEFTStrategy, plain_lists, require_grad_from_input_embeddings
+from lightning_peft.strategies.base import PEFTStrategy, plain_lists
 from lightning_peft.strategies.lora_layers import (
     LORA_LAYERS,
     InitLoRA,
@@ -170,7 +170,6 @@ class LoRA(PEFTStrategy):
                 if kept is not None:
                     new.dora_saves_output = any(name == k or name.endswith("." + k) for k in kept)
             replace_module(model, name, new)
-        require_grad_from_input_embeddings(model)
 
     def extra_trainable(self, model: nn.Module) -> set[str]:
         if self.bias == "lora_only":

@@ -1,4 +1,4 @@
-"""LoRA asks for the input embeddings' gradient only while activation checkpointing needs it.
+"""Strategies ask for the input embeddings' gradient only while activation checkpointing needs it.
 
 Without checkpointing nothing before the first adapter trains, so the backward may stop there and
 skip the first block's gradient with respect to its input. Reentrant checkpointing, on the other
@@ -17,7 +17,7 @@ from conftest import tiny_llama
 from torch import nn
 
 from lightning_peft.planning import saved_activation_bytes
-from lightning_peft.strategies import LoRA
+from lightning_peft.strategies import IA3, Adapter, Freeze, LoRA
 
 
 @pytest.fixture
@@ -115,3 +115,25 @@ def test_a_deep_copy_follows_its_own_checkpointing_flags(ids: torch.Tensor) -> N
     assert not _embedding_output_requires_grad(model, ids)
     hooks = list(model.get_input_embeddings()._forward_hooks.values())
     assert len(hooks) == 1 and hooks[0].owner is model  # the copy's hook did not point back here
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [lambda: IA3(), lambda: Adapter(reduction_factor=4), lambda: Freeze(last_n_blocks=1)],
+    ids=["ia3", "adapter", "freeze-last-block"],
+)
+def test_every_method_gets_its_gradients_under_reentrant_checkpointing(strategy, ids: torch.Tensor) -> None:
+    # the first checkpointed block's input must require grad, or nothing inside it gets a gradient
+    model = strategy().apply(tiny_llama()).train()
+    with torch.no_grad():  # nothing at an init that zeroes some gradients (the adapter's up-projection)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    plain = _adapter_grads(model, ids)
+    _checkpointing(model, True)
+    assert _embedding_output_requires_grad(model, ids)
+    checkpointed = _adapter_grads(model, ids)
+    assert checkpointed.keys() == plain.keys() and plain
+    for name, grad in checkpointed.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, plain[name], rtol=1e-4, atol=1e-6, msg=name)
