@@ -13,8 +13,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
+import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -77,34 +78,52 @@ class DropoutMask(NamedTuple):
 
 
 class _SharedDraw(NamedTuple):
+    tensor: weakref.ref  # the tensor it was drawn for: the entry goes when the tensor goes
     version: int
     p: float
-    packed: torch.Tensor  # only the bits: a float mask attached to x would live as long as x
+    packed: torch.Tensor  # only the bits: a float mask would live as long as the tensor
     keep_p: float
     readers: set[int]
 
 
-_SHARED = "_lightning_peft_dropout"
+# id(tensor) -> its latest draw. Kept beside the tensors, not on them: an attribute on a tensor would
+# be pickled with it (torch.save of a batch) and refused by torch.load(weights_only=True).
+_DRAWS: dict[int, _SharedDraw] = {}
+
+
+def _forget(key: int) -> Callable[[weakref.ref], None]:
+    def forget(ref: weakref.ref) -> None:
+        entry = _DRAWS.get(key)
+        if entry is not None and entry.tensor is ref:
+            del _DRAWS[key]
+
+    return forget
 
 
 def dropout_mask(x: torch.Tensor, p: float, reader: object) -> DropoutMask:
-    """The dropout mask ``reader`` (a LoRA layer) applies to ``x``: the one ``x`` already carries when
-    another layer drew it for the same tensor (same ``p``, ``x`` unchanged since), else a new draw.
+    """The dropout mask ``reader`` (a LoRA layer) applies to ``x``: the one drawn for this same tensor
+    by another layer (same ``p``, ``x`` unchanged since), else a new draw.
 
     Layers that read one tensor (q, k and v; gate and up) so share one mask, drawn once and kept once
     (its packed bits are the same storage in every layer's backward); peft draws one per layer. The
-    draw's bits are attached to ``x`` itself, so they live as long as ``x``; a layer that reads ``x`` again (a
-    second forward on the same tensor) draws afresh, as it would without sharing. Same keep
-    probability and, per layer, the same distribution as independent masks.
+    draw is remembered while ``x`` lives (a weak reference); a layer that reads ``x`` again (a second
+    forward on the same tensor) draws afresh, as it would without sharing. Same keep probability and,
+    per layer, the same distribution as independent masks.
     """
     try:
         version = x._version
     except RuntimeError:  # an inference-mode tensor has no version counter: no sharing
         version = None
-    shared: _SharedDraw | None = getattr(x, _SHARED, None) if version is not None else None
-    key = id(reader)
-    if shared is not None and shared.version == version and shared.p == p and key not in shared.readers:
-        shared.readers.add(key)
+    key, reader_key = id(x), id(reader)
+    shared = _DRAWS.get(key) if version is not None else None
+    if (
+        shared is not None
+        and shared.tensor() is x
+        and shared.version == version
+        and shared.p == p
+        and reader_key not in shared.readers
+    ):
+        shared.readers.add(reader_key)
         keep = _unpack_bits(shared.packed, x.shape, x.dtype)
         return DropoutMask(keep, shared.packed, shared.keep_p)
     uniform, lowest_kept, keep_p = _uniform16(x.numel(), p, x.device)
@@ -113,8 +132,8 @@ def dropout_mask(x: torch.Tensor, p: float, reader: object) -> DropoutMask:
     keep = uniform.to(torch.float32).sub_(lowest_kept - 1).clamp_(0, 1).view(x.shape).to(x.dtype)
     mask = DropoutMask(keep, _pack_bits(uniform >= lowest_kept), keep_p)
     if version is not None:
-        with contextlib.suppress(AttributeError, RuntimeError):  # a tensor without attributes: no sharing
-            setattr(x, _SHARED, _SharedDraw(version, p, mask.packed, keep_p, {key}))
+        ref = weakref.ref(x, _forget(key))
+        _DRAWS[key] = _SharedDraw(ref, version, p, mask.packed, keep_p, {reader_key})
     return mask
 
 

@@ -5,6 +5,7 @@ DoRA's magnitude gradient from the saved output. Plus the activation bytes they 
 from __future__ import annotations
 
 import copy
+import gc
 
 import peft
 import pytest
@@ -195,6 +196,23 @@ def test_a_mask_is_shared_only_for_the_same_unchanged_tensor_and_p_and_once_per_
     mask = dropout_mask(torch.zeros(1000, 64), 0.25, q)
     assert torch.equal(mask.keep, _unpack_bits(mask.packed, mask.keep.shape, torch.float32))
     assert abs(mask.keep.mean().item() - 0.75) < 0.01 and set(mask.keep.unique().tolist()) == {0.0, 1.0}
+
+
+def test_shared_draws_leave_the_tensors_alone_and_go_with_them(tmp_path) -> None:
+    from lightning_peft.strategies import lora_autograd
+
+    model = _two_readers(0.5)
+    before = len(lora_autograd._DRAWS)
+    x = _input(requires_grad=False)
+    model(x).sum()
+    assert len(lora_autograd._DRAWS) == before + 1
+    # nothing is attached to the batch: it saves and loads as plain weights
+    assert not x.__dict__
+    torch.save({"batch": x}, tmp_path / "batch.pt")
+    assert torch.equal(torch.load(tmp_path / "batch.pt", weights_only=True)["batch"], x)
+    del x
+    gc.collect()
+    assert len(lora_autograd._DRAWS) == before  # the draw went with its tensor
 
 
 def test_dropout_in_train_mode_under_inference_mode_draws_per_layer() -> None:
