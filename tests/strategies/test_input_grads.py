@@ -137,3 +137,19 @@ def test_every_method_gets_its_gradients_under_reentrant_checkpointing(strategy,
     for name, grad in checkpointed.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_dropout_masks_are_redrawn_alike_when_checkpointing_recomputes(
+    use_reentrant: bool, ids: torch.Tensor
+) -> None:
+    # checkpointing reruns each block's forward in backward with the RNG state restored: the shared
+    # masks (q, k, v; gate, up) must come out as in the first forward, or the gradients would differ
+    model = LoRA(r=4, lora_dropout=0.3, init_lora_weights=False).apply(tiny_llama()).train()
+    torch.manual_seed(11)
+    plain = _adapter_grads(model, ids)
+    model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    torch.manual_seed(11)
+    checkpointed = _adapter_grads(model, ids)
+    for name, grad in checkpointed.items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-4, atol=1e-6, msg=name)
