@@ -277,27 +277,24 @@ def input_embeddings_of(module: nn.Module) -> nn.Module | None:
     return found if isinstance(found, nn.Module) else None
 
 
-def checkpoints_activations(model: nn.Module) -> bool:
-    """Whether any module of ``model`` has activation checkpointing on (Hugging Face's flag)."""
-    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
-
-
 class _OutputRequiresGradWhileCheckpointing:
     """Forward hook: the output of frozen input embeddings requires grad while ``owner`` checkpoints.
 
-    A class, so that models still pickle and deep-copy (the owner reference follows the copy).
+    The modules that carry transformers' ``gradient_checkpointing`` flag are found once, on the
+    first training forward (a walk over a 7B model's modules costs ~3 ms; their flags, microseconds).
+    A class, so that models still pickle and deep-copy (the references follow the copy).
     """
 
     def __init__(self, owner: nn.Module) -> None:
         self.owner = owner
+        self.flagged: list[nn.Module] | None = None
 
     def __call__(self, module: nn.Module, args: object, output: object) -> None:
-        if (
-            torch.is_grad_enabled()
-            and isinstance(output, torch.Tensor)
-            and not output.requires_grad
-            and checkpoints_activations(self.owner)
-        ):
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)) or output.requires_grad:
+            return
+        if self.flagged is None:
+            self.flagged = [m for m in self.owner.modules() if hasattr(m, "gradient_checkpointing")]
+        if any(m.gradient_checkpointing is True for m in self.flagged):
             output.requires_grad_(True)
 
 
