@@ -211,8 +211,9 @@ def test_a_resumed_run_augments_like_an_uninterrupted_one(tmp_path):
 
 
 def test_two_callbacks_keep_separate_state_keys():
-    a, b = TextAugmentation(augmentation(mask=0.1, seed=0)), TextAugmentation(augmentation(mask=0.1, seed=1))
+    a, b = TextAugmentation(augmentation(mask=0.1, seed=0)), TextAugmentation(augmentation(swap=0.1, seed=0))
     assert a.state_key != b.state_key
+    assert TextAugmentation(augmentation(mask=0.1, seed=1)).state_key == a.state_key  # the seed is state
 
 
 def test_instruction_data_augments_prompts_of_training_batches_only(char_tok):
@@ -269,3 +270,12 @@ def test_the_callback_without_a_tokenizer_fails_at_setup_when_an_id_is_missing(t
     with pytest.raises(ValueError, match="delete > 0 needs pad_token_id"):
         trainer.fit(module, train_dataloaders=loader())
     assert module.train_batches == []  # before the first step
+
+
+def test_a_resume_with_another_seed_keeps_its_position_and_warns(tmp_path):
+    _, trainer = fit(TextAugmentation(augmentation(mask=0.2, seed=5)), 1, tmp_path / "first")
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    callback = TextAugmentation(augmentation(mask=0.2, seed=6))
+    with pytest.warns(UserWarning, match="seed=5, this run uses seed=6"):
+        fit(callback, 2, tmp_path / "resumed", ckpt_path=tmp_path / "epoch1.ckpt")
+    assert callback.batches_seen == 6  # 3 restored + 3 of epoch 2
