@@ -48,6 +48,7 @@ from lightning_peft.generation_controls import (
 )
 from lightning_peft.generation_settings import DEFAULT_SETTINGS_FILE, GenerationSettings, read_settings_file
 from lightning_peft.strategies.state import load_trainable_state_dict
+from lightning_peft.templates import adds_bos, prompt_ids
 
 __all__ = [
     "DEFAULT_SETTINGS_FILE",
@@ -273,7 +274,8 @@ def _generate_batch(
     eos: list[int],
     stream: TextIO | None,
 ) -> list[Record]:
-    encoded = [_prompt_ids(tokenizer, prompt, first + i) for i, prompt in enumerate(prompts)]
+    add_bos = adds_bos(tokenizer)
+    encoded = [_prompt_ids(tokenizer, prompt, first + i, add_bos) for i, prompt in enumerate(prompts)]
     length = max(len(ids) for ids in encoded)
     pad = options["pad_token_id"]
     device = next(model.parameters()).device
@@ -323,8 +325,9 @@ def _generate_batch(
     return records
 
 
-def _prompt_ids(tokenizer: Any, prompt: str, index: int) -> list[int]:
-    ids = tokenizer(prompt)["input_ids"]
+def _prompt_ids(tokenizer: Any, prompt: str, index: int, add_bos: bool) -> list[int]:
+    head, body = prompt_ids(tokenizer, prompt, add_bos)  # as InstructionCollator encodes prompts
+    ids = head + body
     if not ids and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id]
     if not ids:

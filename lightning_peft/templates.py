@@ -232,6 +232,23 @@ CHAT = PromptTemplate(
 tokenizer's chat template."""
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts its bos token before plain text (Llama's does, GPT-2's does not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def prompt_ids(tokenizer: Any, text: str, add_bos: bool) -> tuple[list[int], list[int]]:
+    """``(head, body)``: a prompt's ids as training and generation both encode it. ``text`` is
+    tokenized without special tokens; ``head`` is the bos when the text already starts with it (a chat
+    template wrote it: kept apart so that truncation keeps it) or ``add_bos`` asks for it."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] == [bos]:
+        return [bos], ids[1:]
+    return ([bos] if add_bos else []), ids
+
+
 class InstructionCollator:
     """Tokenize records into a causal-LM batch whose labels cover the response only.
 
@@ -274,8 +291,7 @@ class InstructionCollator:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             problems.append(f"max_length must be an int >= 2, got {max_length!r}")
         if add_bos is None:
-            bos = tokenizer.bos_token_id
-            add_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+            add_bos = adds_bos(tokenizer)
         if add_bos and tokenizer.bos_token_id is None:
             problems.append(f"add_bos=True but the tokenizer {type(tokenizer).__name__} has no bos token")
         if add_eos and tokenizer.eos_token_id is None:
@@ -301,13 +317,9 @@ class InstructionCollator:
     def encode(self, record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
         """(prompt ids, response ids) of one record, with bos/eos and truncation applied."""
         prompt_text, response_text = self.template.render(record, self.tokenizer)
-        prompt = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        head, prompt = prompt_ids(self.tokenizer, prompt_text, self.add_bos)
         response = self.tokenizer(response_text, add_special_tokens=False)["input_ids"]
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        if bos is not None and prompt[:1] == [bos]:  # a chat template wrote the bos: keep it when truncating
-            head, prompt = [bos], prompt[1:]
-        else:
-            head = [bos] if self.add_bos else []
+        eos = self.tokenizer.eos_token_id
         if self.add_eos and response[-1:] != [eos]:
             response = [*response, eos]
         if not response:

@@ -148,6 +148,25 @@ def test_the_chat_template_path_splits_at_the_assistants_turn_without_doubling_b
     assert [t for t in labels if t != IGNORE_INDEX] == tok("tac")["input_ids"] + [tok.eos_token_id]
 
 
+@pytest.mark.parametrize("template", [CHAT, ALPACA], ids=["chat", "alpaca"])
+def test_generation_encodes_a_prompt_as_training_did(template: PromptTemplate) -> None:
+    from tokenizers import processors
+
+    from lightning_peft.generate import _prompt_ids
+    from lightning_peft.templates import adds_bos
+
+    tok = char_tokenizer(chat_template=CHAT_JINJA)  # its chat template writes <s> itself
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    assert adds_bos(tok)  # like Llama's: plain text gets a <s> too
+    trained = InstructionCollator(tok, template).encode(RECORD)[0]
+    generated = _prompt_ids(tok, template.render(RECORD, tok)[0], 0, adds_bos(tok))
+    assert (
+        generated == trained and generated.count(tok.bos_token_id) == 1 and generated[0] == tok.bos_token_id
+    )
+
+
 def test_the_chat_template_path_needs_a_tokenizer_with_a_chat_template(char_tok):
     with pytest.raises(ValueError, match="has none"):
         CHAT.render(RECORD, char_tok)
