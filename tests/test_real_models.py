@@ -371,3 +371,27 @@ def test_base_stays_bit_identical_when_the_optimizer_gets_every_parameter() -> N
     frozen = frozen_tensors(run.model)
     assert set(frozen) == set(run.original)
     assert [k for k, v in frozen.items() if not torch.equal(v, run.original[k])] == []
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        LoRA(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LLAMA_LAYERS),
+        LoRA(r=8, lora_alpha=16, use_dora=True, target_modules=LLAMA_LAYERS),
+    ],
+    ids=["lora-dropout", "dora"],
+)
+def test_bf16_mixed_precision_trains_the_fused_adapters(strategy: LoRA) -> None:
+    # Lightning's precision="bf16-mixed" (the GPU config's) runs the forward under autocast
+    model, batch = tiny_llama().train(), repeating_sequences(1, 1234)[0]
+    before = eval_loss(CASES["llama-lora"], model, batch)
+    trainer = L.Trainer(
+        max_steps=30, precision="bf16-mixed", accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[PEFT(strategy, module="model")],
+    )  # fmt: skip
+    trainer.fit(Finetune(model, causal_lm_loss, repeating_sequences(30, 0), 1e-2))
+    fused = [
+        m for m in model.modules() if type(m).__name__ == "LoRALinear" and type(m.base_layer) is nn.Linear
+    ]
+    assert len(fused) == 2 * 7 + 1
+    assert eval_loss(CASES["llama-lora"], model, batch) < 0.5 * before

@@ -100,7 +100,7 @@ def _forget(key: int) -> Callable[[weakref.ref], None]:
     return forget
 
 
-def dropout_mask(x: torch.Tensor, p: float, reader: object) -> DropoutMask:
+def dropout_mask(x: torch.Tensor, p: float, reader: object, dtype: torch.dtype | None = None) -> DropoutMask:
     """The dropout mask ``reader`` (a LoRA layer) applies to ``x``: the one drawn for this same tensor
     by another layer (same ``p``, ``x`` unchanged since), else a new draw.
 
@@ -108,8 +108,10 @@ def dropout_mask(x: torch.Tensor, p: float, reader: object) -> DropoutMask:
     (its packed bits are the same storage in every layer's backward); peft draws one per layer. The
     draw is remembered while ``x`` lives (a weak reference); a layer that reads ``x`` again (a second
     forward on the same tensor) draws afresh, as it would without sharing. Same keep probability and,
-    per layer, the same distribution as independent masks.
+    per layer, the same distribution as independent masks. ``keep`` comes in ``dtype`` (default:
+    ``x``'s), for a layer that computes in another one (autocast).
     """
+    dtype = dtype or x.dtype
     try:
         version = x._version
     except RuntimeError:  # an inference-mode tensor has no version counter: no sharing
@@ -124,12 +126,12 @@ def dropout_mask(x: torch.Tensor, p: float, reader: object) -> DropoutMask:
         and reader_key not in shared.readers
     ):
         shared.readers.add(reader_key)
-        keep = _unpack_bits(shared.packed, x.shape, x.dtype)
+        keep = _unpack_bits(shared.packed, x.shape, dtype)
         return DropoutMask(keep, shared.packed, shared.keep_p)
     uniform, lowest_kept, keep_p = _uniform16(x.numel(), p, x.device)
     # keep = clamp(u - lowest_kept + 1, 0, 1): floats straight from the integers, cheaper than a bool
     # mask times x (a mixed-dtype multiply); exact in float32 for every int16 value
-    keep = uniform.to(torch.float32).sub_(lowest_kept - 1).clamp_(0, 1).view(x.shape).to(x.dtype)
+    keep = uniform.to(torch.float32).sub_(lowest_kept - 1).clamp_(0, 1).view(x.shape).to(dtype)
     mask = DropoutMask(keep, _pack_bits(uniform >= lowest_kept), keep_p)
     if version is not None:
         ref = weakref.ref(x, _forget(key))

@@ -25,6 +25,7 @@ QLoRA does): the forward calls it as it is, DoRA and merging read its weight thr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Literal
@@ -45,6 +46,21 @@ from lightning_peft.strategies.quantized import dense_weight, dequantized_linear
 from lightning_peft.strategies.targeting import inner_layer, is_conv1d
 
 InitLoRA = bool | Literal["gaussian"]
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Autocast's dtype when it is on for ``x``'s device, else None."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off for ``x``'s device while our autograd nodes run (their operands are
+    cast beforehand: in-place sums and hand-written backwards need one dtype throughout)."""
+    kind = x.device.type
+    return (
+        torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else contextlib.nullcontext()
+    )
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -263,38 +279,45 @@ class LoRALinear(_LoRABase):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        lora_a, lora_b = self.lora_A, self.lora_B
-        if x.dtype != lora_a.dtype:
-            # float32 adapters over a bfloat16 model (QLoRA): cast the small (r x in, out x r) matrices,
-            # not the input, as autocast would; a float32 copy of x would be saved for every layer
-            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        mask = self._dropout_mask(x)
-        if mask is not None:
-            return _DroppedLoRA.apply(x, lora_a, lora_b, self.scaling, mask)
-        # scaling the (..., r) hidden rather than B: autograd then saves nothing larger than peft does
-        return F.linear(F.linear(x, lora_a) * self.scaling, lora_b)  # (..., out)
+        # one dtype for x, A and B: autocast's when it is on (our autograd nodes compute with it off),
+        # else x's; float32 adapters over a bfloat16 model (QLoRA) cast the small (r x in, out x r)
+        # matrices, not the input, as autocast would: a float32 copy of x would be saved per layer
+        dtype = _autocast_dtype(x) or x.dtype
+        with _autocast_off(x):
+            lora_x, lora_a, lora_b = x.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype)
+            mask = self._dropout_mask(x, dtype)
+            if mask is not None:
+                return _DroppedLoRA.apply(lora_x, lora_a, lora_b, self.scaling, mask)
+            # scaling the (..., r) hidden rather than B: autograd then saves nothing larger than peft does
+            return F.linear(F.linear(lora_x, lora_a) * self.scaling, lora_b)  # (..., out)
 
-    def _dropout_mask(self, x: torch.Tensor) -> DropoutMask | None:
-        return dropout_mask(x, self.dropout_p, self) if self.dropout_p > 0 and self.training else None
+    def _dropout_mask(self, x: torch.Tensor, dtype: torch.dtype) -> DropoutMask | None:
+        if self.dropout_p > 0 and self.training:
+            return dropout_mask(x, self.dropout_p, self, dtype)
+        return None
 
-    def _fuses(self, base: nn.Module, x: torch.Tensor) -> bool:
-        """Whether one fused autograd node can stand for the base and the adapter: a plain dense
-        ``nn.Linear`` base without hooks (they must run) and one dtype throughout. Checked per call:
-        a merge of a quantized base, a hook or ``.to()`` may change any of these later."""
-        return (
-            type(base) is nn.Linear
-            and x.dtype == base.weight.dtype == self.lora_A.dtype
-            and not (base._forward_hooks or base._forward_pre_hooks)
-        )
+    def _fused_operands(self, base: nn.Module, x: torch.Tensor) -> tuple | None:
+        """``(x, W, b, A, B)`` in one dtype when one fused autograd node can stand for the base and
+        the adapter, else None: a plain dense ``nn.Linear`` base without hooks (they must run), and
+        one dtype throughout, or autocast on (everything then in its dtype, as its ``F.linear`` would
+        compute). Checked per call: a merge of a quantized base, a hook or ``.to()`` may change these."""
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        operands = (x, base.weight, base.bias, self.lora_A, self.lora_B)
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            return tuple(t if t is None else t.to(dtype) for t in operands)
+        return operands if x.dtype == base.weight.dtype == self.lora_A.dtype else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return self.base_layer(x)
         base = self.base_layer
-        if self._fuses(base, x):
-            return _FusedLoRALinear.apply(
-                x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, self._dropout_mask(x)
-            )
+        operands = self._fused_operands(base, x)
+        if operands is not None:
+            mask = self._dropout_mask(x, operands[0].dtype)  # drawn for x itself: shared by its readers
+            with _autocast_off(x):
+                return _FusedLoRALinear.apply(*operands, self.scaling, mask)
         # a quantized, hooked or stacked base, a Conv1D or mixed dtypes: the layers as they are
         result = base(x)  # (..., out)
         return result + self._lora(x).to(result.dtype)
@@ -303,26 +326,21 @@ class LoRALinear(_LoRABase):
         if self.merged or not self.enabled:
             return self.base_layer(x)
         base = self.base_layer
-        if self._fuses(base, x):
-            return _FusedDoRALinear.apply(
-                x,
-                base.weight,
-                base.bias,
-                self.lora_A,
-                self.lora_B,
-                self.lora_magnitude_vector,
-                self._dora_row_norm(base.weight),
-                self.scaling,
-                self._dropout_mask(x),
-                self.dora_saves_output,
-            )
+        operands = self._fused_operands(base, x)
+        if operands is not None:
+            mask = self._dropout_mask(x, operands[0].dtype)
+            magnitude, norm = self.lora_magnitude_vector, self._dora_row_norm(base.weight)
+            with _autocast_off(x):
+                return _FusedDoRALinear.apply(
+                    *operands, magnitude, norm, self.scaling, mask, self.dora_saves_output
+                )
         # a dequantized base weight may come back in another dtype than x (LLM.int8 gives float32)
         weight = self.base_weight()
         base = F.linear(x, weight.to(x.dtype))  # (..., out), bias added last
         norm = self._dora_row_norm(weight)
         result = _DoRAScale.apply(base + self._lora(x).to(base.dtype), self.lora_magnitude_vector, norm)
         bias = self.bias
-        return result if bias is None else result + bias
+        return result if bias is None else result + bias.to(result.dtype)
 
 
 class LoRAEmbedding(_LoRABase):

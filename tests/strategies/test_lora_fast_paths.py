@@ -433,3 +433,34 @@ def test_a_changed_deep_copy_of_a_dora_model_recomputes_its_norm_cache(ids: torc
         W = layer.base_layer.weight
         reference = (W + layer.scaling * layer.lora_B @ layer.lora_A).norm(dim=1)
         torch.testing.assert_close(layer._dora_row_norm(layer.base_weight()), reference)
+
+
+# ------------------------------------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize("path", ["fused", "unfused"])
+@pytest.mark.parametrize("method", ["lora", "dropout", "dora"])
+def test_bf16_autocast_computes_as_autocast_would(path: str, method: str) -> None:
+    # mixed precision (Lightning's precision="bf16-mixed"): our nodes run in autocast's dtype and give
+    # what the layers composed of autocast's own F.linear give
+    extra = {"lora": {}, "dropout": {"lora_dropout": 0.3}, "dora": {"use_dora": True}}[method]
+    layer = _layer(**extra).train()
+    if path == "unfused":
+        layer.base_layer.register_forward_hook(lambda *args: None)
+    W, b, A, B = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B
+    x = _input()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(7)
+        got = layer(x)
+        torch.manual_seed(7)
+        keep, keep_p = keep_mask(x.shape, 0.3) if method == "dropout" else (torch.ones_like(x), 1.0)
+        summed = F.linear(x, W) + SCALE * F.linear(F.linear(x * keep / keep_p, A), B)
+        if method == "dora":
+            norm = (W + SCALE * B @ A).norm(dim=1).detach()
+            summed = summed * (layer.lora_magnitude_vector / norm)
+        expected = summed + b
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), atol=0.05, rtol=0.02)
+    for g, e in zip(_grads(got.float(), x, A, B), _grads(expected.float(), x, A, B), strict=True):
+        assert g.dtype == e.dtype == torch.float32  # back to the parameters' dtype
+        torch.testing.assert_close(g, e, atol=0.05, rtol=0.05)
