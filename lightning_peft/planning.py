@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -258,7 +257,6 @@ def plan(
         problems.append(f"batch_size and seq_len must be positive (got {batch_size}, {seq_len})")
     if problems:
         raise ValueError("plan: " + "; ".join(problems))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     built_config = model_config(config)
     with torch.device("meta"):

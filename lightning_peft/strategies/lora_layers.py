@@ -48,19 +48,22 @@ from lightning_peft.strategies.targeting import inner_layer, is_conv1d
 InitLoRA = bool | Literal["gaussian"]
 
 
+def _autocasts(kind: str) -> bool:
+    """Whether autocast is on for this device type (``meta`` and some others have none)."""
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """Autocast's dtype when it is on for ``x``'s device, else None."""
     kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    return torch.get_autocast_dtype(kind) if _autocasts(kind) else None
 
 
 def _autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Autocast switched off for ``x``'s device while our autograd nodes run (their operands are
     cast beforehand: in-place sums and hand-written backwards need one dtype throughout)."""
     kind = x.device.type
-    return (
-        torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else contextlib.nullcontext()
-    )
+    return torch.autocast(kind, enabled=False) if _autocasts(kind) else contextlib.nullcontext()
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
