@@ -28,6 +28,7 @@ from lightning_peft.strategies.targeting import (
     check_spec,
     find_targets,
     linear_types,
+    matches,
     model_type,
     replace_module,
     validation_error,
@@ -160,6 +161,7 @@ class LoRA(PEFTStrategy):
         common = {"r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora}
         common["init_lora_weights"] = self.init_lora_weights
         kept = DORA_KEPT_OUTPUTS.get(model_type(model) or "") if self.use_dora else None
+        kept_names = sorted(kept) if kept is not None else None
         for name, module in targets:
             if isinstance(module, nn.Embedding):
                 new: nn.Module = LoRAEmbedding(module, **common)
@@ -167,8 +169,8 @@ class LoRA(PEFTStrategy):
                 new = LoRAConv2d(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
             else:
                 new = LoRALinear(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
-                if kept is not None:
-                    new.dora_saves_output = any(name == k or name.endswith("." + k) for k in kept)
+                if kept_names is not None:
+                    new.dora_saves_output = matches(name, kept_names)
             replace_module(model, name, new)
 
     def extra_trainable(self, model: nn.Module) -> set[str]:

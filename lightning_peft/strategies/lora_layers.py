@@ -267,8 +267,9 @@ class LoRALinear(_LoRABase):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **kwargs))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **kwargs))
         _init_pair(self.lora_A, self.lora_B, init_lora_weights, r)
+        # the rate lives on the module (peft's layout; export reads it there); the layer applies it
+        # itself (dropout_mask), keeping the mask as bits
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.dropout_p = float(lora_dropout)  # applied by _DroppedLoRA, which saves the mask as bits
         if use_dora:
             with torch.no_grad():
                 norm = self.base_weight().float().norm(dim=1).to(kwargs["dtype"])
@@ -293,6 +294,10 @@ class LoRALinear(_LoRABase):
                 return _DroppedLoRA.apply(lora_x, lora_a, lora_b, self.scaling, mask)
             # scaling the (..., r) hidden rather than B: autograd then saves nothing larger than peft does
             return F.linear(F.linear(lora_x, lora_a) * self.scaling, lora_b)  # (..., out)
+
+    @property
+    def dropout_p(self) -> float:
+        return getattr(self.lora_dropout, "p", 0.0)
 
     def _dropout_mask(self, x: torch.Tensor, dtype: torch.dtype) -> DropoutMask | None:
         if self.dropout_p > 0 and self.training:
