@@ -276,6 +276,9 @@ class InstructionData(L.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.seed = seed
         self.augmentation = augmentation
+        if augmentation is not None:  # ids it was not given come from this data's tokenizer
+            augmentation.use_tokenizer(self.tokenizer)
+            augmentation.check_ids()
 
     @staticmethod
     def _load_tokenizer(path: str | None, chat_template: str | None):

@@ -279,3 +279,12 @@ def test_a_resume_with_another_seed_keeps_its_position_and_warns(tmp_path):
     with pytest.warns(UserWarning, match="seed=5, this run uses seed=6"):
         fit(callback, 2, tmp_path / "resumed", ckpt_path=tmp_path / "epoch1.ckpt")
     assert callback.batches_seen == 6  # 3 restored + 3 of epoch 2
+
+
+def test_instruction_data_gives_its_tokenizer_ids_to_an_augmentation_without_them(char_tok):
+    aug = TokenAugmentation(mask=0.5, seed=0)  # no ids: as conf/data/instructions.yaml can write it
+    data = InstructionData(size=32, batch_size=8, augmentation=aug, seed=0)
+    assert aug.mask_token_id == char_tok.unk_token_id and aug.pad_token_id == char_tok.pad_token_id
+    data.setup("fit")
+    train = data._train_collate(data.train[:8])
+    assert (train["input_ids"] == char_tok.unk_token_id).sum() > 0
