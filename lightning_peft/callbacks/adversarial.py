@@ -52,7 +52,7 @@ from typing_extensions import override
 
 from lightning_peft.callbacks import loss_terms
 from lightning_peft.callbacks.peft import missing_module_error, module_path_problems, resolve_module
-from lightning_peft.strategies.base import input_embeddings_of
+from lightning_peft.strategies.base import find_input_embeddings
 
 Method = Literal["fgm", "pgd", "freelb"]
 Norm = Literal["l2", "token_l2", "linf"]
@@ -169,17 +169,6 @@ def _quiet_own_step(pl_module: pl.LightningModule) -> Iterator[None]:
                 pl_module.__dict__[name] = value
 
 
-def _embeddings_in(model: nn.Module) -> nn.Module:
-    for module in model.modules():
-        embeddings = input_embeddings_of(module)
-        if embeddings is not None:
-            return embeddings
-    raise ValueError(
-        f"AdversarialTraining found no model with get_input_embeddings() in {type(model).__name__}; "
-        "it needs a Hugging Face model (or any module with that method)"
-    )
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -275,7 +264,7 @@ class AdversarialTraining(Callback):
         target = resolve_module(pl_module, self.module)
         if target is None:
             raise missing_module_error("AdversarialTraining", self.module, pl_module)
-        self._embeddings = _embeddings_in(target)
+        self._embeddings = find_input_embeddings(target, "AdversarialTraining")[1]
 
     @override
     def on_train_batch_start(
@@ -299,16 +288,15 @@ class AdversarialTraining(Callback):
                 f"{type(pl_module).__name__}.training_step did not depend on the output of the input "
                 f"embeddings ({type(self._embeddings).__name__}); does training_step call that model?"
             )
-        clean = [g for g in grads if g is not None]
-        if not all(bool(torch.isfinite(g).all()) for g in clean):
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
             return  # AMP overflow: the scaler skips this step anyway
         try:
             with torch.enable_grad(), _quiet_own_step(pl_module):
-                adv_loss = self._attack(trainer, pl_module, clean)
+                adv_loss = self._attack(trainer, pl_module, grads)
         finally:
             self._hook.record()  # a closure evaluated again (LBFGS) records afresh
         if adv_loss is not None:
-            pl_module.log("train_adv_loss", adv_loss, batch_size=clean[0].shape[0])
+            pl_module.log("train_adv_loss", adv_loss, batch_size=grads[0].shape[0])
 
     @override
     def on_train_batch_end(

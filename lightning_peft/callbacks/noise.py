@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_peft.callbacks.peft import missing_module_error, module_path_problems, resolve_module
-from lightning_peft.strategies.base import input_embeddings_of
+from lightning_peft.strategies.base import find_input_embeddings
 
 
 class _RecordMask:
@@ -55,18 +55,6 @@ class _AddNoise:
             lengths = torch.full((batch,), float(length), dtype=output.dtype, device=output.device)
         scale = (self.alpha / torch.sqrt(lengths * dim)).view(batch, 1, 1)  # (B, 1, 1)
         return output + torch.empty_like(output).uniform_(-1.0, 1.0) * scale
-
-
-def input_embeddings(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the Hugging Face model that owns the input embeddings, the embedding module), outermost first."""
-    for owner in model.modules():
-        embeddings = input_embeddings_of(owner)
-        if embeddings is not None:
-            return owner, embeddings
-    raise ValueError(
-        f"NEFTune found no model with get_input_embeddings() in {type(model).__name__}; it needs a Hugging Face "
-        "model (or any module with that method)"
-    )
 
 
 class NEFTune(Callback):
@@ -108,7 +96,7 @@ class NEFTune(Callback):
         """Put the noise hooks on ``model`` (once); returns the input embedding module."""
         if self._embeddings is not None:
             return self._embeddings
-        owner, embeddings = input_embeddings(model)
+        owner, embeddings = find_input_embeddings(model, "NEFTune")
         masks = _RecordMask()
         self._handles = [
             owner.register_forward_pre_hook(masks, with_kwargs=True),

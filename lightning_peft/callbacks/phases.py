@@ -1,4 +1,4 @@
-"""A curriculum's phases: the ``Phase`` record and the checks of a list of them (pure Python).
+"""A curriculum's phases: the ``Phase`` record and the checks of a list of them (no torch in this file).
 
 :class:`~lightning_peft.callbacks.curriculum.CurriculumSchedule` takes a list of phases, as ``Phase``
 objects or dicts (Hydra); :func:`as_phases` turns either into ``Phase`` objects and collects every

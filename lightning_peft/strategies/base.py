@@ -277,6 +277,18 @@ def input_embeddings_of(module: nn.Module) -> nn.Module | None:
     return found if isinstance(found, nn.Module) else None
 
 
+def find_input_embeddings(model: nn.Module, caller: str) -> tuple[nn.Module, nn.Module]:
+    """(the outermost module of ``model`` with ``get_input_embeddings()``, its embedding module)."""
+    for owner in model.modules():
+        embeddings = input_embeddings_of(owner)
+        if embeddings is not None:
+            return owner, embeddings
+    raise ValueError(
+        f"{caller} found no model with get_input_embeddings() in {type(model).__name__}; it needs a Hugging "
+        "Face model (or any module with that method)"
+    )
+
+
 class _OutputRequiresGradWhileCheckpointing:
     """Forward hook: the output of frozen input embeddings requires grad while ``owner`` checkpoints.
 
