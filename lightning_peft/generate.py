@@ -38,7 +38,6 @@ from lightning_peft.callbacks.peft import _APPLIED_ATTR
 from lightning_peft.formats.adapter import load_adapter
 from lightning_peft.formats.files import TOKENIZER_FILES, read_json, write_text_staged
 from lightning_peft.formats.source import source_from_checkpoint
-from lightning_peft.generate_cli import GENERATE_DESCRIPTION, add_generate_arguments, run_generate
 from lightning_peft.generation_controls import (
     CompletionStreamer,
     ForceWords,
@@ -52,18 +51,15 @@ from lightning_peft.templates import adds_bos, prompt_ids
 
 __all__ = [
     "DEFAULT_SETTINGS_FILE",
-    "GENERATE_DESCRIPTION",
     "CompletionStreamer",
     "ForceWords",
     "GenerationSettings",
     "StopAtStrings",
-    "add_generate_arguments",
     "find_stop",
     "generate",
     "load_for_generation",
     "read_prompts",
     "read_settings_file",
-    "run_generate",
     "word_token_ids",
     "write_jsonl",
 ]

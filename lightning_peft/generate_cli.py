@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from lightning_peft.generation_settings import DEFAULT_SETTINGS_FILE, GenerationSettings, read_settings_file
+from lightning_peft.generation_settings import DEFAULT_SETTINGS_FILE, GenerationSettings
 
 GENERATE_DESCRIPTION = """\
 Generate text, offline, with a whole model folder (--model, e.g. `export --merged` output), a base
@@ -127,11 +127,8 @@ def run_generate(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(GenerationSettings)}
     if args.stop_strings:
         overrides["stop_strings"] = [_unescape(stop) for stop in args.stop_strings]
-    values = read_settings_file(args.config or DEFAULT_SETTINGS_FILE)
     try:
-        settings = GenerationSettings.from_dict(
-            {**values, **{k: v for k, v in overrides.items() if v is not None}}
-        )
+        settings = GenerationSettings.from_file(args.config or DEFAULT_SETTINGS_FILE, **overrides)
     except ValueError as err:
         raise UsageError(str(err)) from err
     single = settings.batch_size == 1 and settings.num_return_sequences == 1
