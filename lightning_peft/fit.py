@@ -100,7 +100,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         from lightning_peft import export_adapter
 
-        written = export_adapter(final, out / "adapter", overwrite=True)
+        # a data module that tokenizes (InstructionData) hands its tokenizer on: generate reads it there
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if not callable(getattr(tokenizer, "save_pretrained", None)):
+            tokenizer = None
+        written = export_adapter(final, out / "adapter", overwrite=True, tokenizer=tokenizer)
         record = {
             "metrics": metrics,
             "checkpoint": str(final),
@@ -108,10 +112,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "adapter_format": written.format,
             "overrides": _overrides(),
         }
-        # a data module that tokenizes (InstructionData) hands its tokenizer on: generate reads it there
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(str(written.path))
         if cfg.get("export_merged"):
             record["merged"] = _export_merged(module, out / "merged", tokenizer)
         metrics_file = out / "metrics.json"

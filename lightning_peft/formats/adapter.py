@@ -19,6 +19,7 @@ from torch import nn
 from lightning_peft.callbacks.peft import _APPLIED_ATTR
 from lightning_peft.formats import peft_layout as hf
 from lightning_peft.formats.files import (
+    copy_tokenizer,
     read_json,
     read_safetensors,
     read_weights,
@@ -67,6 +68,7 @@ def export_adapter(
     root: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    tokenizer: Any = None,
 ) -> ExportResult:
     """Write the adapter of a checkpoint or an adapted module to the folder ``out_dir``.
 
@@ -88,6 +90,8 @@ def export_adapter(
             model in it. Needed for checkpoints of ``PEFT(module=None)`` that adapted a whole LightningModule.
         overwrite: replace an existing ``out_dir``.
         progress: called with a line of text for each step (the command line prints them).
+        tokenizer: also written into the folder (an object with ``save_pretrained`` or a folder
+            holding tokenizer files), as ``lightning-peft generate`` and peft's users read it.
 
     Example::
 
@@ -123,6 +127,7 @@ def export_adapter(
         for name, data in config.items():
             write_json(data, staged / name)
         write_safetensors(tensors, staged / hf.WEIGHTS_FILE)
+        copy_tokenizer(tokenizer, staged)  # inside the staging: the folder appears whole or not at all
     if adapter.left_out:
         note = (
             note + "; " if note else ""
