@@ -153,7 +153,7 @@ class Evaluation(Callback):
             for name, metric in metrics.items():
                 if metric.update_count:
                     pl_module.log(f"{prefix}{name}", metric.compute(), sync_dist=True)
-        if self.prompts is not None:
+        if self.prompts is not None and not trainer.sanity_checking:  # one samples row per epoch
             target = self._target(pl_module)
             self._generate(trainer, pl_module, target, "")
             if self.compare_base:
@@ -176,20 +176,20 @@ class Evaluation(Callback):
         bleu = BLEUScore()(generated, [[r] for r in self.references])
         pl_module.log(f"{prefix}rougeL", rouge)
         pl_module.log(f"{prefix}bleu", bleu)
-        self.samples = [
+        samples = [
             {"prompt": p, "generated": g, "reference": r}
             for p, g, r in zip(self.prompts, generated, self.references, strict=True)
         ]
+        if not prefix:  # the adapted model's; the base model's go to their own file only
+            self.samples = samples
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
             name = self.samples_file if not prefix else f"base_{self.samples_file}"
             with (folder / name).open("a") as f:
-                for sample in self.samples:
+                for sample in samples:
                     f.write(json.dumps({"epoch": trainer.current_epoch, **sample}) + "\n")
-        shown = "\n".join(
-            f"  {s['prompt']!r} -> {s['generated']!r}" for s in self.samples[: self.num_samples]
-        )
+        shown = "\n".join(f"  {s['prompt']!r} -> {s['generated']!r}" for s in samples[: self.num_samples])
         rank_zero_info(
             f"Evaluation ({prefix or 'adapted'}): rougeL={float(rouge):.3f} bleu={float(bleu):.3f}\n{shown}"
         )

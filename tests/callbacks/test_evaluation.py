@@ -167,3 +167,30 @@ def test_bad_configuration_lists_every_problem():
     message = str(err.value)
     assert "unknown metric 'bleu-4'" in message and "num_classes" in message and "references" in message
     assert "tokenizer" in message and "max_new_tokens" in message
+
+
+class TrainedHolder(Holder):
+    def __init__(self, answer: list[int]) -> None:
+        super().__init__(answer)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - 1).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_sanity_check_writes_no_samples(tmp_path):
+    evaluation = Evaluation(
+        metrics=[], module="model", prompts=["the cat sat"], references=["on the mat"],
+        tokenizer=WordTokenizer(), samples_file="samples.jsonl",
+    )  # fmt: skip
+    trainer = L.Trainer(
+        callbacks=[evaluation], logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+        max_epochs=2, enable_checkpointing=False, num_sanity_val_steps=1,
+    )  # fmt: skip
+    data = DataLoader([{"x": torch.zeros(1)}], batch_size=None)
+    trainer.fit(TrainedHolder([4, 1, 5]), train_dataloaders=data, val_dataloaders=data)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["epoch"] for s in samples] == [0, 1]  # one row per epoch, none for the sanity check
