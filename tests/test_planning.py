@@ -139,6 +139,21 @@ def test_meta_adapted_model_materialised_and_reset_equals_adapting_the_real_mode
     assert set(dict(model.named_parameters())) == set(dict(expected.named_parameters()))
 
 
+def test_load_base_weights_fills_tied_embeddings_from_the_one_name_a_checkpoint_keeps():
+    tied = {**SMALL, "tie_word_embeddings": True}
+    real = _build(tied)
+    state = real.state_dict()
+    del state["lm_head.weight"]  # as save_pretrained writes a tied model
+    model = _build(tied, "meta")
+    LoRA(r=4, target_modules=["q_proj"]).apply(model)
+    model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty unties them; transformers ties them again
+    left = load_base_weights(model, state)
+    assert left and all(".lora_" in k for k in left)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert torch.equal(model.lm_head.weight, real.lm_head.weight)
+
+
 def test_load_base_weights_names_missing_and_misshapen_tensors():
     real = _build(SMALL).state_dict()
     model = _build(SMALL, "meta")

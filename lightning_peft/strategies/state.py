@@ -125,10 +125,18 @@ def load_base_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> li
     :func:`~lightning_peft.strategies.base.reset_adapters`).
 
     The way to adapt a model too large to build twice: create it on the ``meta`` device, apply the
-    strategy there, ``to_empty`` it, then load the base checkpoint with this. Raises ``ValueError``
-    naming every base tensor that is missing from ``state`` or has another shape; nothing is copied then.
+    strategy there, ``to_empty`` it (then ``model.tie_weights()``: ``to_empty`` unties tied input and
+    output embeddings, and a checkpoint keeps one of their names), then load the base checkpoint with
+    this. Raises ``ValueError`` naming every base tensor that is missing from ``state`` or has another
+    shape; nothing is copied then.
     """
     adapter = set(adapter_parameter_names(model))
+    # tied weights (input and output embeddings) are one tensor under several names; checkpoints
+    # (save_pretrained) keep one of them
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(base_name(name))
+    tied = {name: names for names in names_of.values() if len(names) > 1 for name in names}
     mapped: dict[str, torch.Tensor] = {}
     problems, left = [], []
     for name, tensor in model.state_dict().items():
@@ -136,7 +144,7 @@ def load_base_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> li
         if source is None:
             if name in adapter:
                 left.append(name)
-            else:
+            elif not any(other in state for other in tied.get(base_name(name), ())):
                 problems.append(f"{base_name(name)} is missing")
         elif tuple(source.shape) != tuple(tensor.shape):
             problems.append(
