@@ -9,7 +9,6 @@ output must require it, whenever checkpointing was switched on.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -48,9 +47,7 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
         # transformers 5 hooks the embeddings itself here (older versions do not): leave only ours
         model.disable_input_require_grads()
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
 
 
 def _adapter_grads(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
