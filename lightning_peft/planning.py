@@ -37,6 +37,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_peft.strategies.base import PEFTStrategy
+from lightning_peft.strategies.transformers_compat import enable_checkpointing
 
 Method = Literal["full", "lora", "qlora"]
 METHODS: tuple[str, ...] = ("full", "lora", "qlora")
@@ -271,11 +272,7 @@ def plan(
             if p.requires_grad:
                 p.data = p.data.float()
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model, use_reentrant=False)
     model.train()
 
     tensors = [*model.parameters(), *model.buffers()]

@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from lightning_peft.strategies.transformers_compat import checkpointing_modules
+
 DEFAULT_ADAPTER = "default"
 
 
@@ -305,7 +307,7 @@ class _OutputRequiresGradWhileCheckpointing:
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)) or output.requires_grad:
             return
         if self.flagged is None:
-            self.flagged = [m for m in self.owner.modules() if hasattr(m, "gradient_checkpointing")]
+            self.flagged = checkpointing_modules(self.owner)
         if any(m.gradient_checkpointing is True for m in self.flagged):
             output.requires_grad_(True)
 

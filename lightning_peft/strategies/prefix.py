@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.strategies.base import PEFTStrategy
 from lightning_peft.strategies.targeting import validation_error
+from lightning_peft.strategies.transformers_compat import cache_argument, call_cache, new_cache
 from lightning_peft.strategies.virtual_tokens import (
     CACHE_MARK,
     PREFIX_ATTR,
@@ -100,11 +101,9 @@ class PrefixEncoder(nn.Module):
 
     def prepend(self, model: nn.Module, kwargs: dict[str, Any], batch: int, length: int) -> None:
         """Rewrite the keyword arguments of ``model``'s call (in place): a cache that holds the prefix."""
-        from transformers import DynamicCache
-
-        cache = kwargs.get("past_key_values")
+        cache = call_cache(kwargs)
         if cache is None:
-            cache = kwargs["past_key_values"] = DynamicCache(config=self.config)
+            cache = kwargs[cache_argument(model) or "past_key_values"] = new_cache(self.config)
             setattr(cache, CACHE_MARK, self.num_virtual_tokens)
         for layer, (keys, values) in enumerate(self(batch, embedding_weight(model).dtype)):
             cache.update(keys, values, layer)
@@ -115,7 +114,7 @@ class PrefixEncoder(nn.Module):
 class PrefixTuning(PEFTStrategy):
     """Trainable key/value prefixes in every attention layer (Li & Liang, 2021).
 
-    Supported: transformers 5 models whose attention reads a ``past_key_values`` cache: decoders
+    Supported: transformers 5 models whose attention reads a key/value cache: decoders
     (Llama and its relatives, GPT-2) and BERT-style encoders (the prefix is prepended in the
     backbone). Not supported: encoder-decoder models, gradient checkpointing.
 
@@ -159,11 +158,14 @@ class PrefixTuning(PEFTStrategy):
             problems.append(
                 f"{type(target).__name__} is an encoder-decoder model; PrefixTuning supports decoders"
             )
-        checkpointed = [n for n, m in model.named_modules() if getattr(m, "gradient_checkpointing", False)]
+        checkpointed = [
+            n for n, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True
+        ]
         if checkpointed:
             problems.append(
                 "gradient checkpointing is on (it drops the key/value cache that carries the prefix) in "
-                f"{', '.join(checkpointed[:4])}; call gradient_checkpointing_disable() first"
+                f"{', '.join(checkpointed[:4])}; switch it off first (activation_checkpointing_disable(), gradient_checkpointing_disable() "
+                "before transformers 5.2x)"
             )
         validation_error("PrefixTuning", problems)
         layers, kv_heads, head_dim = _attention_shape(config)

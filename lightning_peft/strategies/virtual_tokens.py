@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_peft.strategies.base import input_embeddings_of
 from lightning_peft.strategies.targeting import describe_modules
+from lightning_peft.strategies.transformers_compat import cache_argument, cached_length, call_cache
 
 PROMPT_ATTR = "prompt_encoder"
 PREFIX_ATTR = "prefix_encoder"
@@ -35,18 +36,16 @@ def embedding_weight(module: nn.Module) -> torch.Tensor | None:
     return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
-def accepts(module: nn.Module, name: str) -> bool:
-    return name in inspect.signature(module.forward).parameters
-
-
 def find_language_model(model: nn.Module, owner: str, needs_cache: bool = False) -> nn.Module:
-    """The outermost module of ``model`` with input embeddings (and, if asked, a ``past_key_values`` input)."""
+    """The outermost module of ``model`` with input embeddings (and, if asked, a key/value cache input)."""
     for _, module in model.named_modules():
-        if input_embeddings_of(module) is not None and (
-            not needs_cache or accepts(module, "past_key_values")
-        ):
+        if input_embeddings_of(module) is not None and (not needs_cache or cache_argument(module)):
             return module
-    need = "and attention that reads a past_key_values cache " if needs_cache else ""
+    need = (
+        "and attention that reads a key/value cache (a `cache` or `past_key_values` argument) "
+        if needs_cache
+        else ""
+    )
     raise ValueError(
         f"{owner} needs a transformers model with input embeddings (get_input_embeddings()) {need}"
         f"inside {type(model).__name__}; modules here: {describe_modules(list(model.named_modules())[1:])}"
@@ -84,8 +83,8 @@ def virtual_token_hook(attr: str, module: nn.Module, args: tuple, kwargs: dict[s
     if inputs is None:
         return None
     n = encoder.num_virtual_tokens
-    cache = kwargs.get("past_key_values")
-    cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    cache = call_cache(kwargs)
+    cached = cached_length(cache)
     if cached:  # a later generation step: the virtual tokens are in the cache if we put them there
         if getattr(cache, CACHE_MARK, None) != n:
             return None

@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_peft.planning import saved_activation_bytes
 from lightning_peft.strategies import IA3, Adapter, Freeze, LoRA
+from lightning_peft.strategies.transformers_compat import disable_checkpointing, enable_checkpointing
 
 
 @pytest.fixture
@@ -43,11 +44,11 @@ def _embedding_output_requires_grad(model: nn.Module, ids: torch.Tensor) -> bool
 
 def _checkpointing(model: nn.Module, on: bool) -> None:
     if on:
-        model.activation_checkpointing_enable({"use_reentrant": True})
+        enable_checkpointing(model, use_reentrant=True)
         # transformers 5 hooks the embeddings itself here (older versions do not): leave only ours
         model.disable_input_require_grads()
     else:
-        model.activation_checkpointing_disable()
+        disable_checkpointing(model)
 
 
 def _adapter_grads(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -145,7 +146,7 @@ def test_dropout_masks_are_redrawn_alike_when_checkpointing_recomputes(
     model = LoRA(r=4, lora_dropout=0.3, init_lora_weights=False).apply(tiny_llama()).train()
     torch.manual_seed(11)
     plain = _adapter_grads(model, ids)
-    model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    enable_checkpointing(model, use_reentrant=use_reentrant)
     torch.manual_seed(11)
     checkpointed = _adapter_grads(model, ids)
     for name, grad in checkpointed.items():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-import warnings
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from lightning_peft.strategies import (
 from lightning_peft.strategies.base import adapter_parameter_names, count_parameters, strategy_from_config
 from lightning_peft.strategies.qlora import QLoRA, quantized_weight_bytes
 from lightning_peft.strategies.quantized import dense_weight, quantized_kind
+from lightning_peft.strategies.transformers_compat import enable_checkpointing
 
 bnb = pytest.importorskip("bitsandbytes")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -94,9 +94,7 @@ def _packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _enable_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
-    with warnings.catch_warnings():  # transformers 5 renamed it activation_checkpointing_enable
-        warnings.simplefilter("ignore", FutureWarning)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_checkpointing(model, use_reentrant=use_reentrant)
 
 
 # ------------------------------------------------------------------------------------ what is quantized
