@@ -18,6 +18,7 @@ Quantization runs on the weights' device, the CPU included (bitsandbytes >= 0.45
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,15 +49,49 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 LLM_INT8_THRESHOLD = 6.0
 
 
+class _HubKernelNotice(logging.Filter):
+    """Keeps back bitsandbytes' warning that its optional CPU kernel could not be fetched from the hub.
+
+    bitsandbytes 0.50 tries, when it is imported on a CPU with AVX512-BF16, to download a faster 4-bit
+    matmul from the Hugging Face hub, and logs a long warning (advice to install ``kernels``) when that
+    fails, which it always does offline. Its own CPU code then does the work, correctly.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held_back = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" in record.getMessage():
+            self.held_back = True
+            return False
+        return True
+
+
 def import_bitsandbytes() -> Any:
     """The ``bitsandbytes`` module, or a ``ValueError`` that says how to get it."""
+    notice = _HubKernelNotice()
+    # bitsandbytes' own warning, and the hub client's (the ``kernels`` package) about the same fetch
+    loggers = [
+        logging.getLogger(name) for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+    ]
+    for logger in loggers:
+        logger.addFilter(notice)
     try:
         import bitsandbytes
     except Exception as err:  # a broken install raises more than ImportError
         raise ValueError(
             f"QLoRA quantizes with bitsandbytes, which cannot be imported ({type(err).__name__}: {err}); "
-            f"install it with `pip install 'bitsandbytes>=0.45'` or use LoRA on the unquantized model"
+            f"install it with `pip install 'bitsandbytes>=0.50'` or use LoRA on the unquantized model"
         ) from err
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notice)
+    if notice.held_back:
+        logging.getLogger(__name__).info(
+            "bitsandbytes: its optional hub-hosted CPU 4-bit kernel is not available (offline); "
+            "it uses its built-in CPU code"
+        )
     return bitsandbytes
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import subprocess
 import sys
 
 import pytest
@@ -388,3 +389,17 @@ def test_bf16_qlora_casts_its_float32_adapters_not_the_input() -> None:
     assert _relative_error(out.float(), reference) < 2e-2
     assert _relative_error(layer.lora_A.grad, a.grad) < 5e-2
     assert _relative_error(layer.lora_B.grad, b.grad) < 5e-2
+
+
+def test_importing_bitsandbytes_prints_no_hub_kernel_warning():
+    # a fresh process: bitsandbytes logs its hub-kernel warning only on its first import
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from lightning_peft.strategies.qlora import import_bitsandbytes\n"
+        "import_bitsandbytes()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "kernels-community" not in out.stderr + out.stdout
+    assert "pip install kernels" not in out.stderr + out.stdout
+    # at most one line about it, saying what it means
+    assert (out.stderr + out.stdout).count("bitsandbytes") <= 1
