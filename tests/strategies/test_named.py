@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+import torch.nn.functional as F
+from conftest import cnn, tiny_llama
 
 from lightning_peft.strategies import LoRA, disable_adapters
-from lightning_peft.strategies.lora import LoRALinear
+from lightning_peft.strategies.lora import LoRAConv2d, LoRAEmbedding, LoRALinear
 from lightning_peft.strategies.named import (
     active_adapters,
     adapter_names,
@@ -159,3 +160,45 @@ def test_a_plain_apply_twice_is_still_refused_outside_add_adapter():
     LoRA(r=2, target_modules=TARGETS).apply(model)
     with pytest.raises(ValueError, match="already carries an adapter"):
         LoRA(r=2, target_modules=TARGETS).apply(copy.deepcopy(model))
+
+
+# ------------------------------------------------------------------------ stacks on other layer kinds
+
+
+def test_a_second_named_adapter_on_conv2d_layers_adds_its_update() -> None:
+    model = cnn()
+    torch.manual_seed(1)
+    add_adapter(model, "a", LoRA(r=2, target_modules=["0", "2"], init_lora_weights=False))
+    torch.manual_seed(2)
+    add_adapter(model, "b", LoRA(r=2, target_modules=["0", "2"], init_lora_weights=False))
+    set_active_adapters(model, ["a", "b"])
+    outer = model[0]
+    assert isinstance(outer, LoRAConv2d) and isinstance(outer.base_layer, LoRAConv2d)
+    conv = outer.inner_layer()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    weight = conv.weight + outer.delta_weight() + outer.base_layer.delta_weight()
+    expected = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding)
+    with torch.no_grad():
+        torch.testing.assert_close(outer(x), expected, atol=1e-5, rtol=0)
+
+
+def test_a_second_named_adapter_on_an_embedding_adds_its_update(token_ids) -> None:
+    model = tiny_llama()
+    targets = ["embed_tokens"]
+    torch.manual_seed(1)
+    add_adapter(model, "a", LoRA(r=2, target_modules=targets, init_lora_weights=False))
+    torch.manual_seed(2)
+    add_adapter(model, "b", LoRA(r=2, target_modules=targets, init_lora_weights=False))
+    set_active_adapters(model, ["a", "b"])
+    outer = model.model.embed_tokens
+    assert isinstance(outer, LoRAEmbedding) and isinstance(outer.base_layer, LoRAEmbedding)
+    weight = outer.inner_layer().weight + outer.delta_weight() + outer.base_layer.delta_weight()
+    with torch.no_grad():
+        torch.testing.assert_close(outer(token_ids), F.embedding(token_ids, weight), atol=1e-5, rtol=0)
+
+
+def test_a_dora_adapter_on_an_embedding_is_refused_below_another_adapter_too() -> None:
+    model = tiny_llama()
+    add_adapter(model, "a", LoRA(r=2, target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match="is an Embedding; use_dora supports"):
+        add_adapter(model, "b", LoRA(r=2, target_modules=["embed_tokens"], use_dora=True))
