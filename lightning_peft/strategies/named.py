@@ -52,7 +52,8 @@ def active_adapters(model: nn.Module) -> list[str]:
 def add_adapter(model: nn.Module, name: str, strategy: PEFTStrategy) -> nn.Module:
     """Add the adapter ``name`` built by ``strategy``. It is active only if it is the first adapter.
 
-    Every adapter parameter stays trainable; an inactive adapter simply gets no gradient.
+    Every adapter parameter stays trainable; an inactive adapter simply gets no gradient. What earlier
+    adapters made trainable (biases, modules trained whole) stays trainable: the new strategy only adds.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
@@ -60,8 +61,12 @@ def add_adapter(model: nn.Module, name: str, strategy: PEFTStrategy) -> nn.Modul
     if name in existing:
         raise ValueError(f"adapter {name!r} exists already; adapters here: {existing}")
     active = active_adapters(model)
+    # by identity: wrapping renames parameters (q_proj.bias -> q_proj.base_layer.bias)
+    trainable = [p for p in model.parameters() if p.requires_grad] if existing else []
     with stacking_adapters():
-        strategy.apply(model, adapter_name=name)
+        strategy.apply(model, adapter_name=name)  # freezes all but what this strategy trains
+    for param in trainable:
+        param.requires_grad_(True)
     if existing:
         set_active_adapters(model, active)
     return model

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cnn, tiny_llama
+from conftest import cnn, tiny_bert, tiny_llama
 
 from lightning_peft.strategies import LoRA, disable_adapters
 from lightning_peft.strategies.lora import LoRAConv2d, LoRAEmbedding, LoRALinear
@@ -202,3 +202,18 @@ def test_a_dora_adapter_on_an_embedding_is_refused_below_another_adapter_too() -
     add_adapter(model, "a", LoRA(r=2, target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match="is an Embedding; use_dora supports"):
         add_adapter(model, "b", LoRA(r=2, target_modules=["embed_tokens"], use_dora=True))
+
+
+# ------------------------------------------------------------------------------------- what trains
+
+
+def test_adding_an_adapter_keeps_the_biases_an_earlier_one_made_trainable() -> None:
+    model = tiny_bert()
+    add_adapter(model, "a", LoRA(r=2, target_modules=["query"], bias="all"))
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    assert biases and all(p.requires_grad for p in biases)
+    add_adapter(model, "b", LoRA(r=2, target_modules=["query"]))
+    assert all(p.requires_grad for p in biases)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in model.named_parameters() if n.endswith(".bias")} <= trainable
+    assert not any(n.endswith(".weight") and "lora_" not in n for n in trainable)
