@@ -234,6 +234,7 @@ class IA3(PEFTStrategy):
             layers_to_transform=self.layers_to_transform,
             layers_pattern=self.layers_pattern,
             skip={n for s in saved for n in (s, s + ".trained", s + ".original")},
+            default_targets=self.target_modules is None,
         )
         names = [name for name, _ in targets]
         problems = [

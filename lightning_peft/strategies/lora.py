@@ -25,6 +25,7 @@ from lightning_peft.strategies.modules_to_save import (
     wrap_modules_to_save,
 )
 from lightning_peft.strategies.targeting import (
+    check_entries,
     check_spec,
     find_targets,
     inner_layer,
@@ -133,6 +134,9 @@ class LoRA(PEFTStrategy):
     def _checked_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The modules to adapt; raises before anything changes if the config does not fit ``model``."""
         owner = type(self).__name__
+        # one error for every misspelled entry, before the checks below raise for one field each
+        fields = ("target_modules", "exclude_modules", "modules_to_save")
+        check_entries(model, owner, {field: getattr(self, field) for field in fields})
         saved = select_modules_to_save(model, self.modules_to_save, owner)
         targets = find_targets(
             model,
