@@ -86,6 +86,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove the adapter ``name``: wrappers give their place back to the layer they wrapped, and a
     module trained whole (``modules_to_save``) goes back to its untouched original."""
     modules = _modules_of(model, name)
+    if any(getattr(m, "merged", False) for _, m in modules):
+        # its update is in the base weights: removing the layers would leave it there for good
+        raise ValueError(
+            f"adapter {name!r} is merged into the base weights; unmerge it first (PEFTStrategy.unmerge(model))"
+        )
     # deepest first, so the names of the outer ones stay valid while inner ones are removed
     for path, module in sorted(modules, key=lambda item: -item[0].count(".")):
         base = getattr(module, "base_layer", None)

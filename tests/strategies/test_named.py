@@ -394,3 +394,13 @@ def test_stacked_dora_merged_outer_first_unmerges_to_the_base(token_ids) -> None
     LoRA().unmerge(model)
     for key, weight in _weights(model).items():
         torch.testing.assert_close(weight, base[key], atol=1e-5, rtol=0)
+
+
+def test_deleting_a_merged_adapter_is_refused_and_changes_nothing(two_adapters, token_ids):
+    set_active_adapters(two_adapters, "b")
+    LoRA().merge(two_adapters)
+    before = logits(two_adapters, token_ids)
+    with pytest.raises(ValueError, match="adapter 'b' is merged into the base weights; unmerge it first"):
+        delete_adapter(two_adapters, "b")
+    assert adapter_names(two_adapters) == ["a", "b"]
+    torch.testing.assert_close(logits(two_adapters, token_ids), before, atol=0, rtol=0)
