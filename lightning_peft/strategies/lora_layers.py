@@ -414,7 +414,9 @@ class LoRALinear(_LoRABase):
 
     def _forward_dora_stacked(self, x: torch.Tensor) -> torch.Tensor:
         """DoRA on another named adapter: it decomposes the weight that adapter gives (W + its update),
-        whose product with ``x`` the layer below computes, gradients to its adapter included."""
+        whose product with ``x`` the layer below computes, gradients to its adapter included. Its
+        magnitude starts at the norm of the base weight alone (as peft's), so the adapter is an
+        identity when it is the only active one."""
         bias = self.bias
         below = self.base_layer(x)  # (..., out): W' x + b
         base = below if bias is None else below - bias.to(below.dtype)

@@ -5,6 +5,11 @@ the same layer wraps the first one (``q_proj -> LoRALinear(task_b) -> LoRALinear
 an inactive adapter passes its input straight through, so the active one sees the base layer's
 output. No layer keeps a dictionary of adapters, and every method gets named adapters for free.
 
+Merging (``PEFTStrategy.merge``) folds in the active adapters only, inner ones first; the base layer
+records the order and ``unmerge`` takes them out in reverse, as peft does. A DoRA adapter stacked on
+another decomposes the weight that adapter gives; a merged adapter is part of the base weight for
+the ones merged after it.
+
 State is keyed by *canonical* names: the module path without the ``base_layer`` links that stacking
 adds (``model.layers.0.self_attn.q_proj.lora_A``), so an adapter saved from one stack loads into
 another whatever the order in which adapters were added.
