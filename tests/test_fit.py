@@ -91,6 +91,8 @@ def test_a_sweep_runs_every_job_and_writes_one_summary(tmp_path):
     [
         ("peft.r=-1", "r must be a positive integer"),
         ("peft.target_modules=[no_such_layer]", "matched no module"),
+        # one misspelled entry next to a good one: refused too, not silently dropped
+        ("peft.target_modules=[q_prj,v_proj]", "target_modules entry 'q_prj' matched no module"),
     ],
 )
 def test_invalid_values_fail_before_training(tmp_path, override, message):

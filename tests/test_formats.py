@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 import lightning_peft.formats.adapter as adapter_module
+import lightning_peft.formats.peft_layout as hf
 from lightning_peft import (
     IA3,
     PEFT,
@@ -545,3 +546,16 @@ def test_checkpoint_without_peft_metadata_is_refused(tmp_path):
     torch.save({"state_dict": tiny_llama().state_dict()}, tmp_path / "full.ckpt")
     with pytest.raises(ValueError, match="was not written with the PEFT callback"):
         export_adapter(tmp_path / "full.ckpt", tmp_path / "out")
+
+
+def test_peft_config_entries_that_selected_nothing_in_the_file_are_dropped():
+    # peft's classification models add "classifier" and "score" to modules_to_save, and peft ignores
+    # list entries that match no module while another one does
+    config = {"target_modules": ["query", "q_proj"], "modules_to_save": ["classifier", "score"]}
+    keys = [
+        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight",
+        "base_model.model.classifier.weight",
+    ]
+    narrowed = hf.entries_peft_used(config, keys)
+    assert narrowed["target_modules"] == ["query"] and narrowed["modules_to_save"] == ["classifier"]
+    assert config["modules_to_save"] == ["classifier", "score"]  # the caller's dict is left alone

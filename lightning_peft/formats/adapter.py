@@ -350,6 +350,7 @@ def read_adapter(path: str | Path) -> PretrainedAdapter:
         if not weights.is_file() and (folder / "adapter_model.bin").is_file():
             weights = folder / "adapter_model.bin"
         tensors = read_weights(weights)
+        config = hf.entries_peft_used(config, tensors)
         return PretrainedAdapter(folder, "peft", hf.strategy_from_peft_config(config, str(folder)), tensors)
     if (folder / NATIVE_CONFIG).is_file():
         config = read_json(folder / NATIVE_CONFIG)

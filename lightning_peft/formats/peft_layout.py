@@ -227,6 +227,27 @@ def _number(value: float) -> int | float:
 # ---------------------------------------------------------------------------------------------- import
 
 
+def entries_peft_used(config: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``config`` without the list entries of ``target_modules`` and ``modules_to_save`` that selected
+    nothing in the model peft saved (no tensor of the file lies under a module they match).
+
+    peft ignores a list entry that matches no module while another one does (its classification
+    models add both ``classifier`` and ``score`` to ``modules_to_save``); our strategies refuse such an
+    entry as a misspelling, so the entries are narrowed to what peft used. Regexes stay as they are.
+    """
+    paths = set()
+    for key in keys:
+        parts = key.split(".")
+        paths.update(".".join(parts[:i]) for i in range(1, len(parts)))  # every module path above it
+    paths = {p.removeprefix("base_model.model.").removeprefix("base_model.") for p in paths}
+    narrowed = dict(config)
+    for field in ("target_modules", "modules_to_save"):
+        value = config.get(field)
+        if isinstance(value, list | tuple) and paths:
+            narrowed[field] = [e for e in value if any(matches(p, [e]) for p in paths)] or None
+    return narrowed
+
+
 def strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrategy:
     """The strategy that builds the adapter an ``adapter_config.json`` describes."""
     kind = config.get("peft_type")

@@ -220,6 +220,7 @@ class Adapter(PEFTStrategy):
             supported=(nn.Module,),
             layers_to_transform=self.layers_to_transform,
             skip={n for s in saved for n in (s, s + ".trained", s + ".original")},
+            default_targets=self.target_modules is None,
         )
         names = [name for name, _ in targets]
         problems = []

@@ -55,6 +55,35 @@ def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
             yield name, module
 
 
+_MERGED_ATTR = "_lightning_peft_merged"
+
+
+def merged_stack(layer: nn.Module) -> list[nn.Module]:
+    """The adapter layers merged into the weight under ``layer``, oldest first.
+
+    The list lives on the original layer (the end of the ``base_layer`` links), so every named adapter
+    stacked on it shares it, as peft's ``merged_adapters``: they come out in reverse order.
+    """
+    while isinstance(getattr(layer, "base_layer", None), nn.Module):
+        layer = layer.base_layer
+    stack = layer.__dict__.get(_MERGED_ATTR)
+    if stack is None:
+        stack = []
+        layer.__dict__[_MERGED_ATTR] = stack  # a plain attribute: not a submodule, not in the state dict
+    return stack
+
+
+def _unmerge_order(modules: list[Any]) -> list[Any]:
+    """The merged ones among ``modules``, last merged first (per weight; weights are independent)."""
+    merged = [m for m in modules if isinstance(m, MergeableAdapter) and m.merged]
+
+    def position(module: Any) -> int:
+        stack = merged_stack(module)
+        return stack.index(module) if module in stack else -1
+
+    return sorted(merged, key=position, reverse=True)
+
+
 def adapter_parameter_names(model: nn.Module) -> list[str]:
     """Qualified names of all adapter parameters in ``model`` (read from the adapters, not guessed)."""
     names = []
@@ -74,9 +103,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` as its base model: every adapter contributes nothing inside the block.
 
     The outputs inside are exactly those of the unadapted model. Merged adapters are unmerged for the
-    duration and merged back afterwards; subtracting the update again restores the base weights only
-    up to float rounding (about 1e-7 relative in float32), so for them the outputs match closely,
-    not bit for bit.
+    duration (last merged first) and merged back afterwards in their original order; subtracting the
+    update again restores the base weights only up to float rounding (about 1e-7 relative in
+    float32), so for them the outputs match closely, not bit for bit.
 
     Example::
 
@@ -85,29 +114,28 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """
     modules = [m for _, m in adapter_modules(model)]
     was_enabled = [getattr(m, "enabled", True) for m in modules]
-    remerge = [m for m in modules if getattr(m, "merged", False)]
-    for module in remerge:
-        module.unmerge()
     for module in modules:
         module.set_adapter_enabled(False)
+    merged = _unmerge_order(modules)
+    for module in merged:
+        module.unmerge()
     try:
         yield model
     finally:
+        # oldest first and with every adapter still off: each merges onto the weight it was merged onto
+        for module in reversed(merged):
+            module.merge()
         for module, enabled in zip(modules, was_enabled, strict=True):
             module.set_adapter_enabled(enabled)
-        for module in remerge:
-            module.merge()
 
 
-def _shared_base_weights(model: nn.Module) -> list[str]:
-    """One line per unmerged adapter whose base weight another module uses too (tied embeddings)."""
+def _shared_base_weights(model: nn.Module, modules: list[tuple[str, Any]]) -> list[str]:
+    """One line per adapter of ``modules`` whose base weight another module uses too (tied embeddings)."""
     users: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         users.setdefault(id(param), []).append(name)
     problems = []
-    for prefix, module in adapter_modules(model):
-        if not isinstance(module, MergeableAdapter) or module.merged:
-            continue
+    for prefix, module in modules:
         weight = getattr(getattr(module, "base_layer", None), "weight", None)
         others = [n for n in users.get(id(weight), []) if prefix and not n.startswith(prefix + ".")]
         if others:
@@ -170,25 +198,31 @@ class PEFTStrategy:
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
-        """Fold every mergeable adapter into its base weights (outputs unchanged).
+        """Fold every active mergeable adapter into its base weights (outputs unchanged), as peft's
+        ``merge_adapter``: inactive named adapters stay unmerged and keep contributing nothing.
 
-        Raises ``ValueError`` before changing anything if a base weight is shared with another module
-        (tied input and output embeddings): merging would change that module's outputs too.
+        Adapters stacked on one layer merge from the inside out; each base layer records the order,
+        and :meth:`unmerge` takes them out in reverse. Raises ``ValueError`` before changing anything
+        if a base weight is shared with another module (tied input and output embeddings): merging
+        would change that module's outputs too.
         """
-        shared = _shared_base_weights(model)
+        chosen = [
+            (name, m)
+            for name, m in adapter_modules(model)
+            if isinstance(m, MergeableAdapter) and not m.merged and getattr(m, "enabled", True)
+        ]
+        shared = _shared_base_weights(model, chosen)
         if shared:
             lines = "\n".join(f"  - {p}" for p in shared)
             raise ValueError(f"cannot merge: merging would change other modules too:\n{lines}")
-        for _, module in adapter_modules(model):
-            if isinstance(module, MergeableAdapter) and not module.merged:
-                module.merge()
+        for _, module in reversed(chosen):  # named_modules lists a wrapper before the adapter inside it
+            module.merge()
         return model
 
     def unmerge(self, model: nn.Module) -> nn.Module:
-        """Undo :meth:`merge`."""
-        for _, module in adapter_modules(model):
-            if isinstance(module, MergeableAdapter) and module.merged:
-                module.unmerge()
+        """Undo :meth:`merge`: every merged adapter, the last merged into a weight first."""
+        for module in _unmerge_order([m for _, m in adapter_modules(model)]):
+            module.unmerge()
         return model
 
     def to_config(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_peft.strategies.base import PEFTStrategy, plain_lists
+from lightning_peft.strategies.base import PEFTStrategy, merged_stack, plain_lists
 from lightning_peft.strategies.modules_to_save import wrap_modules_to_save
 from lightning_peft.strategies.targeting import (
     ALL_LINEAR,
@@ -136,6 +136,7 @@ class IA3Linear(nn.Module):
         if new_bias is not None:
             bias.copy_(new_bias)
         self.merged = True
+        merged_stack(self).append(self)  # the order PEFTStrategy.unmerge reverses
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -153,6 +154,9 @@ class IA3Linear(nn.Module):
         if bias is not None and not self.is_feedforward:
             bias.div_(scale.view(-1))
         self.merged = False
+        stack = merged_stack(self)
+        if self in stack:
+            stack.remove(self)
 
 
 @dataclass
@@ -234,6 +238,7 @@ class IA3(PEFTStrategy):
             layers_to_transform=self.layers_to_transform,
             layers_pattern=self.layers_pattern,
             skip={n for s in saved for n in (s, s + ".trained", s + ".original")},
+            default_targets=self.target_modules is None,
         )
         names = [name for name, _ in targets]
         problems = [

@@ -25,8 +25,10 @@ from lightning_peft.strategies.modules_to_save import (
     wrap_modules_to_save,
 )
 from lightning_peft.strategies.targeting import (
+    check_entries,
     check_spec,
     find_targets,
+    inner_layer,
     linear_types,
     matches,
     model_type,
@@ -132,6 +134,9 @@ class LoRA(PEFTStrategy):
     def _checked_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The modules to adapt; raises before anything changes if the config does not fit ``model``."""
         owner = type(self).__name__
+        # one error for every misspelled entry, before the checks below raise for one field each
+        fields = ("target_modules", "exclude_modules", "modules_to_save")
+        check_entries(model, owner, {field: getattr(self, field) for field in fields})
         saved = select_modules_to_save(model, self.modules_to_save, owner)
         targets = find_targets(
             model,
@@ -144,7 +149,8 @@ class LoRA(PEFTStrategy):
             skip={n for s in saved for n in (s, s + ".trained", s + ".original")},
         )
         problems = []
-        for name, module in targets:
+        for name, target in targets:
+            module = inner_layer(target)  # a named adapter may wrap the layer already (add_adapter)
             if any(name == s or name.startswith(s + ".") for s in saved):
                 problems.append(f"{name!r} is inside modules_to_save; it is trained whole already")
             elif self.use_dora and isinstance(module, nn.Embedding):
@@ -163,9 +169,11 @@ class LoRA(PEFTStrategy):
         kept = DORA_KEPT_OUTPUTS.get(model_type(model) or "") if self.use_dora else None
         kept_names = sorted(kept) if kept is not None else None
         for name, module in targets:
-            if isinstance(module, nn.Embedding):
+            # the layer's kind is that of the original layer, also below other named adapters
+            layer = inner_layer(module)
+            if isinstance(layer, nn.Embedding):
                 new: nn.Module = LoRAEmbedding(module, **common)
-            elif isinstance(module, nn.Conv2d):
+            elif isinstance(layer, nn.Conv2d):
                 new = LoRAConv2d(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
             else:
                 new = LoRALinear(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.strategies.base import AdapterModule, merged_stack
 from lightning_peft.strategies.lora_autograd import (
     DropoutMask,
     _DoRAScale,
@@ -152,9 +153,42 @@ class _LoRABase(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} must define delta_weight")
 
+    def adapters_below(self) -> list[nn.Module]:
+        """The named adapters this one is stacked on, nearest first."""
+        found, module = [], self.base_layer
+        while isinstance(module, nn.Module):
+            if isinstance(module, AdapterModule):
+                found.append(module)
+            module = getattr(module, "base_layer", None)
+        return found
+
+    def weight_below(self) -> torch.Tensor:
+        """The weight this adapter applies to, as ``(out, in, ...)``: the base weight with the active,
+        unmerged LoRA adapters below folded in (merged ones are in the base weight already)."""
+        below = self.base_layer
+        return below.adapted_weight() if isinstance(below, _LoRABase) else self.base_weight()
+
+    @torch.no_grad()
+    def adapted_weight(self) -> torch.Tensor:
+        """The weight the layer computes with, as ``(out, in, ...)`` (a new tensor, no gradient):
+        :meth:`weight_below` with this adapter's update, if it is active and unmerged."""
+        below = self.weight_below()
+        if self.merged or not self.enabled:
+            return below
+        summed = below + self.delta_weight().to(below.dtype)
+        if not hasattr(self, "lora_magnitude_vector"):
+            return summed
+        gain = (self.lora_magnitude_vector / summed.flatten(1).norm(dim=1)).to(below.dtype)
+        return summed * gain.view(-1, *[1] * (summed.dim() - 1))
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight; the layer's outputs do not change.
+
+        The adapters this one is stacked on must be merged or inactive (their updates come first:
+        DoRA normalises the weight they give). :meth:`PEFTStrategy.merge` merges a stack from the
+        inside out. The base layer keeps a record of what was merged into it, in order, so that
+        :meth:`unmerge` can insist on the reverse order.
 
         A quantized base layer is first replaced by its dequantized ``nn.Linear`` (with a warning): the
         merged weights are dense and carry the base's quantization error. :meth:`unmerge` leaves the
@@ -162,6 +196,17 @@ class _LoRABase(nn.Module):
         """
         if self.merged:
             return
+        pending = [
+            m
+            for m in self.adapters_below()
+            if getattr(m, "enabled", True) and not getattr(m, "merged", False)
+        ]
+        if pending:
+            names = ", ".join(repr(_adapter_name(m)) for m in pending)
+            raise ValueError(
+                f"cannot merge adapter {_adapter_name(self)!r} before the active adapters below it ({names}): "
+                f"merge those first, or merge the whole model with PEFTStrategy.merge(model)"
+            )
         if quantized_kind(self.inner_layer()) is not None:
             self._dequantize_base()
         weight = self.base_weight()
@@ -181,12 +226,24 @@ class _LoRABase(nn.Module):
             )
         weight.copy_(new)
         self.merged = True
+        merged_stack(self).append(self)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight saved before :meth:`merge` (up to float rounding)."""
+        """Restore the base weight saved before :meth:`merge` (up to float rounding).
+
+        Adapters merged into the same weight after this one must be unmerged first (peft's order:
+        the last merged comes out first); :meth:`PEFTStrategy.unmerge` does so.
+        """
         if not self.merged:
             return
+        stack = merged_stack(self)
+        if self in stack and stack[-1] is not self:
+            later = ", ".join(repr(_adapter_name(m)) for m in stack[stack.index(self) + 1 :])
+            raise ValueError(
+                f"cannot unmerge adapter {_adapter_name(self)!r} while {later}, merged into the same weight "
+                f"after it, is merged: unmerge in reverse order, e.g. with PEFTStrategy.unmerge(model)"
+            )
         weight = self.base_weight()
         delta = self.delta_weight().to(weight.dtype)
         if hasattr(self, "lora_magnitude_vector"):
@@ -195,6 +252,8 @@ class _LoRABase(nn.Module):
         else:
             weight.sub_(delta)
         self.merged = False
+        if self in stack:
+            stack.remove(self)
 
     def _dequantize_base(self) -> None:
         quantized = self.inner_layer()
@@ -212,9 +271,10 @@ class _LoRABase(nn.Module):
         holder.base_layer = dense
 
     def _dora_gain(self) -> torch.Tensor:
-        """m / ||W + s B A|| per output; the norm is a constant for autograd (DoRA sec. 4.3)."""
+        """m / ||W + s B A|| per output, W the weight below; the norm is a constant for autograd
+        (DoRA sec. 4.3)."""
         with torch.no_grad():
-            norm = (self.base_weight() + self.delta_weight()).flatten(1).norm(dim=1)
+            norm = (self.weight_below() + self.delta_weight()).flatten(1).norm(dim=1)
         return self.lora_magnitude_vector / norm
 
     def _dora_row_norm(self, weight: torch.Tensor) -> torch.Tensor:
@@ -334,6 +394,8 @@ class LoRALinear(_LoRABase):
         if self.merged or not self.enabled:
             return self.base_layer(x)
         base = self.base_layer
+        if isinstance(base, _LoRABase):
+            return self._forward_dora_stacked(x)
         operands = self._fused_operands(base, x)
         if operands is not None:
             mask = self._dropout_mask(x, operands[0].dtype)
@@ -348,6 +410,19 @@ class LoRALinear(_LoRABase):
         norm = self._dora_row_norm(weight)
         result = _DoRAScale.apply(base + self._lora(x).to(base.dtype), self.lora_magnitude_vector, norm)
         bias = self.bias
+        return result if bias is None else result + bias.to(result.dtype)
+
+    def _forward_dora_stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA on another named adapter: it decomposes the weight that adapter gives (W + its update),
+        whose product with ``x`` the layer below computes, gradients to its adapter included. Its
+        magnitude starts at the norm of the base weight alone (as peft's), so the adapter is an
+        identity when it is the only active one."""
+        bias = self.bias
+        below = self.base_layer(x)  # (..., out): W' x + b
+        base = below if bias is None else below - bias.to(below.dtype)
+        with torch.no_grad():
+            norm = (self.weight_below() + self.delta_weight()).float().norm(dim=1)  # (out,)
+        result = _DoRAScale.apply(base + self._lora(x).to(base.dtype), self.lora_magnitude_vector, norm)
         return result if bias is None else result + bias.to(result.dtype)
 
 
@@ -442,10 +517,18 @@ class LoRAConv2d(_LoRABase):
         if self.merged or not self.enabled:
             return self.base_layer(x)
         conv = self.inner_layer()
-        base = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
+        if isinstance(self.base_layer, _LoRABase):  # on another adapter: the weight it gives, applied by it
+            below = self.base_layer(x)
+            base = below if conv.bias is None else below - conv.bias.view(1, -1, 1, 1)
+        else:
+            base = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
         gain = self._dora_gain().to(base.dtype).view(1, -1, 1, 1)
         result = gain * (base + self._lora(x).to(base.dtype))
         return result if conv.bias is None else result + conv.bias.view(1, -1, 1, 1)
 
 
 LORA_LAYERS = (LoRALinear, LoRAEmbedding, LoRAConv2d)
+
+
+def _adapter_name(module: nn.Module) -> str:
+    return getattr(module, "adapter_name", "default")

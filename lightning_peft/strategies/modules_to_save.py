@@ -14,7 +14,7 @@ from torch import nn
 from lightning_peft.strategies.targeting import (
     TargetSpec,
     candidate_modules,
-    describe_modules,
+    check_entries,
     matches,
     replace_module,
 )
@@ -54,16 +54,12 @@ class ModuleToSave(nn.Module):
 
 
 def select_modules_to_save(model: nn.Module, spec: TargetSpec, owner: str) -> list[str]:
-    """Names of the outermost modules selected by ``spec``; raises if it selects nothing. Changes nothing."""
+    """Names of the outermost modules selected by ``spec``; raises if an entry selects nothing
+    (:func:`check_entries`). Changes nothing."""
     if not spec:
         return []
-    candidates = candidate_modules(model)
-    chosen = [n for n, _ in candidates if matches(n, spec)]
-    if not chosen:
-        raise ValueError(
-            f"{owner}: modules_to_save={spec!r} matched no module. "
-            f"Modules in this model: {describe_modules(candidates)}"
-        )
+    check_entries(model, owner, {"modules_to_save": spec})
+    chosen = [n for n, _ in candidate_modules(model) if matches(n, spec)]
     # keep only the outermost match: wrapping a parent already covers its children
     return [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
 

@@ -5,6 +5,11 @@ the same layer wraps the first one (``q_proj -> LoRALinear(task_b) -> LoRALinear
 an inactive adapter passes its input straight through, so the active one sees the base layer's
 output. No layer keeps a dictionary of adapters, and every method gets named adapters for free.
 
+Merging (``PEFTStrategy.merge``) folds in the active adapters only, inner ones first; the base layer
+records the order and ``unmerge`` takes them out in reverse, as peft does. A DoRA adapter stacked on
+another decomposes the weight that adapter gives; a merged adapter is part of the base weight for
+the ones merged after it.
+
 State is keyed by *canonical* names: the module path without the ``base_layer`` links that stacking
 adds (``model.layers.0.self_attn.q_proj.lora_A``), so an adapter saved from one stack loads into
 another whatever the order in which adapters were added.
@@ -52,7 +57,8 @@ def active_adapters(model: nn.Module) -> list[str]:
 def add_adapter(model: nn.Module, name: str, strategy: PEFTStrategy) -> nn.Module:
     """Add the adapter ``name`` built by ``strategy``. It is active only if it is the first adapter.
 
-    Every adapter parameter stays trainable; an inactive adapter simply gets no gradient.
+    Every adapter parameter stays trainable; an inactive adapter simply gets no gradient. What earlier
+    adapters made trainable (biases, modules trained whole) stays trainable: the new strategy only adds.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
@@ -60,8 +66,12 @@ def add_adapter(model: nn.Module, name: str, strategy: PEFTStrategy) -> nn.Modul
     if name in existing:
         raise ValueError(f"adapter {name!r} exists already; adapters here: {existing}")
     active = active_adapters(model)
+    # by identity: wrapping renames parameters (q_proj.bias -> q_proj.base_layer.bias)
+    trainable = [p for p in model.parameters() if p.requires_grad] if existing else []
     with stacking_adapters():
-        strategy.apply(model, adapter_name=name)
+        strategy.apply(model, adapter_name=name)  # freezes all but what this strategy trains
+    for param in trainable:
+        param.requires_grad_(True)
     if existing:
         set_active_adapters(model, active)
     return model
@@ -81,6 +91,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove the adapter ``name``: wrappers give their place back to the layer they wrapped, and a
     module trained whole (``modules_to_save``) goes back to its untouched original."""
     modules = _modules_of(model, name)
+    if any(getattr(m, "merged", False) for _, m in modules):
+        # its update is in the base weights: removing the layers would leave it there for good
+        raise ValueError(
+            f"adapter {name!r} is merged into the base weights; unmerge it first (PEFTStrategy.unmerge(model))"
+        )
     # deepest first, so the names of the outer ones stay valid while inner ones are removed
     for path, module in sorted(modules, key=lambda item: -item[0].count(".")):
         base = getattr(module, "base_layer", None)

@@ -100,13 +100,17 @@ def load_trainable_state_dict(
 
     Raises ``ValueError`` naming every missing, misshapen or unknown tensor; nothing is copied then.
     Frozen tensors present in ``state`` are loaded too; frozen tensors absent from it are left as they are.
+    Names are compared without wrapper prefixes on either side (see :func:`clean_name`), so a state
+    saved from a ``torch.compile``-d or FSDP-wrapped model loads into the plain one and back.
     """
-    params = dict(model.state_dict())
+    raw_names = {clean_name(k): k for k in model.state_dict()}  # cleaned -> the model's own key
+    params = {clean_name(k): v for k, v in model.state_dict().items()}
+    state = {clean_name(k): v for k, v in state.items()}
     expected = {n: tuple(params[n].shape) for n in trainable_names(model) if n in params}
     problems = mismatches(expected, {k: tuple(v.shape) for k, v in state.items()}, known=set(params))
     if problems:
         raise ValueError(f"{source} does not fit this model:\n  - " + "\n  - ".join(problems))
-    model.load_state_dict(dict(state), strict=False)
+    model.load_state_dict({raw_names[k]: v for k, v in state.items()}, strict=False)
 
 
 _WRAPPING_LINKS = (".base_layer", ".trained", ".original")  # adapter layers and ModuleToSave

@@ -7,6 +7,9 @@ The rules are peft's, so configs carry over:
 - ``"all-linear"`` takes every linear layer except the output head (the ``get_output_embeddings()``
   of any Hugging Face model inside, and the modules trained whole through ``modules_to_save``);
 - ``exclude_modules`` follows the same rules and wins over the targets;
+- every entry the user gives (of ``target_modules``, ``exclude_modules``, ``modules_to_save``) must
+  match a module of the model: a misspelled name is an error that suggests close names, never a
+  silently smaller selection (peft drops such entries while another one matches);
 - ``layers_to_transform`` keeps only modules inside the numbered blocks given (the number after
   ``layers_pattern`` in the name: ``layers.3.``, ``h.3.``, ``layer.3.``, ``blocks.3.``).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 import re
 import sys
 from collections import Counter
@@ -148,6 +152,65 @@ def describe_modules(modules: list[tuple[str, nn.Module]], limit: int = 40) -> s
     return ", ".join(items[:limit]) + more
 
 
+def _entries(spec: TargetSpec) -> list[str | list[str]]:
+    """The entries of ``spec`` that must each match a module: a string is one regex, a list's
+    entries are names or suffixes (each wrapped in a list, so :func:`matches` reads it as one)."""
+    if spec is None or spec == ALL_LINEAR:
+        return []
+    if isinstance(spec, str):
+        return [spec]
+    return [[entry] for entry in dict.fromkeys(spec)]
+
+
+def _unmatched_entry(field: str, entry: str | list[str], names: list[str]) -> str:
+    """Why ``entry`` of ``field`` selects nothing, with the names the user may have meant."""
+    if isinstance(entry, str):  # a regex
+        partial = [n for n in names if re.search(entry, n)]
+        line = (
+            f"{field}={entry!r} matched no module: a string is a regular expression that must match a "
+            f"whole module name"
+        )
+        if partial:
+            more = f" (and {len(partial) - 1} more)" if len(partial) > 1 else ""
+            return (
+                f"{line}; it matches only part of {partial[0]!r}{more}: write '.*{entry}', or a list of "
+                f"names or dotted suffixes such as [{partial[0].rsplit('.', 1)[-1]!r}]"
+            )
+        close = difflib.get_close_matches(entry, names, n=3, cutoff=0.6)
+    else:
+        (name,) = entry
+        line = f"{field} entry {name!r} matched no module (an entry matches a whole name or a dotted suffix)"
+        depth = name.count(".") + 1  # compare with suffixes of as many parts: 'attn.q_prj' ~ 'attn.q_proj'
+        suffixes = sorted({".".join(n.split(".")[-depth:]) for n in names})
+        close = difflib.get_close_matches(name, suffixes, n=3, cutoff=0.6)
+    return line + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "")
+
+
+def check_entries(model: nn.Module, owner: str, specs: dict[str, TargetSpec]) -> None:
+    """Raise one ``ValueError`` naming every entry of ``specs`` (field name -> spec) that matches no
+    module of ``model``, with close names and the modules that exist.
+
+    For what a user wrote (``target_modules``, ``exclude_modules``, ``modules_to_save``); a method's
+    own defaults for an architecture may name layers that a variant of it lacks, and need only
+    select something as a whole.
+    """
+    candidates = candidate_modules(model)
+    names = [n for n, _ in candidates]
+    unmatched = [
+        (field, entry)
+        for field, spec in specs.items()
+        for entry in _entries(spec)
+        if not any(matches(n, entry) for n in names)
+    ]
+    if unmatched:
+        fields = " and ".join(dict.fromkeys(field for field, _ in unmatched))
+        lines = "\n".join(f"  - {_unmatched_entry(field, entry, names)}" for field, entry in unmatched)
+        raise ValueError(
+            f"{owner}: every entry of {fields} must match a module:\n{lines}\n"
+            f"Modules in this model: {describe_modules(candidates)}"
+        )
+
+
 def inner_layer(module: nn.Module) -> nn.Module:
     """Follow ``base_layer`` links down to the original layer (adapters may be stacked)."""
     while isinstance(getattr(module, "base_layer", None), nn.Module):
@@ -165,14 +228,20 @@ def find_targets(
     layers_to_transform: int | Sequence[int] | None = None,
     layers_pattern: TargetSpec = None,
     skip: set[str] | None = None,
+    default_targets: bool = False,
 ) -> list[tuple[str, nn.Module]]:
     """The modules of ``model`` selected by a strategy's targeting arguments.
 
-    Raises ``ValueError`` naming the modules that exist when nothing matches, when a match has a
-    type the method cannot adapt, or when a match already carries an adapter. Names in ``skip`` are
-    never taken by ``"all-linear"``, and an explicit match of one is returned for the caller to judge.
+    Raises ``ValueError`` naming the modules that exist when an entry of ``target_modules`` or
+    ``exclude_modules`` matches nothing (see :func:`check_entries`; with ``default_targets`` the
+    targets are the method's defaults for the architecture and need only match as a whole), when
+    nothing is selected, when a match has a type the method cannot adapt, or when a match already
+    carries an adapter. Names in ``skip`` are never taken by ``"all-linear"``, and an explicit match
+    of one is returned for the caller to judge.
     """
     skip = skip or set()
+    given = {"exclude_modules": exclude_modules}
+    check_entries(model, owner, given if default_targets else {"target_modules": target_modules} | given)
     candidates = candidate_modules(model)
     if target_modules == ALL_LINEAR:
         heads = output_heads(model)

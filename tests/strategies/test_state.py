@@ -61,6 +61,27 @@ def test_trainable_state_dict_names_ignore_torch_compile_wrapper(trained: nn.Mod
     assert set(trainable_state_dict(compiled)) == set(trainable_state_dict(trained))
 
 
+def test_state_of_a_compiled_model_loads_back_into_that_compiled_model(trained: nn.Module) -> None:
+    compiled = torch.compile(trained)  # nothing is compiled until it is called
+    state = {k: v.clone() for k, v in trainable_state_dict(compiled).items()}
+    with torch.no_grad():
+        trained.get_parameter(QUERY_A).zero_()
+    load_trainable_state_dict(compiled, state)
+    assert torch.equal(trained.get_parameter(QUERY_A), state[QUERY_A])
+    assert not torch.equal(state[QUERY_A], torch.zeros_like(state[QUERY_A]))
+
+
+def test_state_of_a_compiled_model_loads_into_a_plain_one_and_back(
+    base: nn.Module, trained: nn.Module
+) -> None:
+    fresh = _strategy().apply(copy.deepcopy(base))
+    load_trainable_state_dict(fresh, trainable_state_dict(torch.compile(trained)))
+    assert torch.equal(fresh.get_parameter(QUERY_A), trained.get_parameter(QUERY_A))
+    other = _strategy().apply(copy.deepcopy(base))
+    load_trainable_state_dict(torch.compile(other), trainable_state_dict(trained))
+    assert torch.equal(other.get_parameter(QUERY_A), trained.get_parameter(QUERY_A))
+
+
 def test_round_trip_into_a_fresh_adapted_model_gives_identical_outputs(
     base: nn.Module, trained: nn.Module, token_ids: torch.Tensor
 ) -> None:

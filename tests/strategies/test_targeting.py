@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.strategies import LoRA, ModuleToSave
+from lightning_peft.strategies.ia3 import IA3, IA3_DEFAULT_TARGETS, IA3Linear
 from lightning_peft.strategies.lora import LORA_LAYERS, LoRALinear
 from lightning_peft.strategies.targeting import layer_index, matches
 
@@ -172,7 +173,9 @@ def test_modules_to_save_starts_from_the_original_weights(token_ids: torch.Tenso
 
 
 def test_unmatched_modules_to_save_raises_listing_modules() -> None:
-    with pytest.raises(ValueError, match=r"modules_to_save=\['head'\].*classifier \(Linear\)"):
+    with pytest.raises(
+        ValueError, match=r"(?s)modules_to_save entry 'head' matched no module.*classifier \(Linear\)"
+    ):
         LoRA(target_modules=["query"], modules_to_save=["head"]).apply(tiny_bert())
 
 
@@ -245,3 +248,71 @@ def test_adapted_layer_replaces_the_module_at_its_path() -> None:
     model = LoRA(target_modules=["q_proj"]).apply(base)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, LoRALinear) and layer.base_layer is original
+
+
+# ------------------------------------------------------------------- every entry must match a module
+
+
+def test_a_misspelled_target_entry_is_refused_though_another_entry_matches() -> None:
+    model = tiny_bert()
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(ValueError) as error:
+        LoRA(target_modules=["qeury", "value"]).apply(model)
+    message = str(error.value)
+    assert "target_modules entry 'qeury' matched no module" in message
+    assert "did you mean 'query'?" in message
+    assert "Modules in this model:" in message and "query (Linear) x2" in message
+    assert {name: type(m) for name, m in model.named_modules()} == before  # nothing adapted
+
+
+def test_a_misspelled_dotted_entry_suggests_suffixes_of_as_many_parts() -> None:
+    with pytest.raises(ValueError, match=r"'self_attn\.q_prj' matched no module.*'self_attn\.q_proj'"):
+        LoRA(target_modules=["self_attn.q_prj", "v_proj"]).apply(tiny_llama())
+
+
+def test_a_misspelled_exclude_entry_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"exclude_modules entry 'o_prj' matched no module.*'o_proj'"):
+        LoRA(target_modules="all-linear", exclude_modules=["down_proj", "o_prj"]).apply(tiny_llama())
+
+
+def test_a_misspelled_modules_to_save_entry_is_refused_though_another_entry_matches() -> None:
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'poolr' matched no module.*'pooler'"):
+        LoRA(target_modules=["query"], modules_to_save=["classifier", "poolr"]).apply(tiny_bert())
+
+
+def test_every_misspelled_entry_is_reported_in_one_error() -> None:
+    with pytest.raises(ValueError) as error:
+        LoRA(target_modules=["qeury", "value"], exclude_modules=["kye"], modules_to_save=["classifer"]).apply(
+            tiny_bert()
+        )
+    message = str(error.value)
+    for field, entry in (
+        ("target_modules", "qeury"),
+        ("exclude_modules", "kye"),
+        ("modules_to_save", "classifer"),
+    ):
+        assert f"{field} entry {entry!r} matched no module" in message
+
+
+def test_a_regex_matching_part_of_names_only_says_a_string_is_a_full_match_regex() -> None:
+    with pytest.raises(ValueError) as error:
+        LoRA(target_modules="q_proj").apply(tiny_llama())
+    message = str(error.value)
+    assert "a string is a regular expression that must match a whole module name" in message
+    assert "matches only part of 'model.layers.0.self_attn.q_proj'" in message
+    assert "'.*q_proj'" in message and "['q_proj']" in message
+
+
+def test_an_entry_of_user_given_ia3_targets_must_match() -> None:
+    with pytest.raises(ValueError, match="target_modules entry 'dwn_proj' matched no module"):
+        IA3(target_modules=["k_proj", "v_proj", "dwn_proj"], feedforward_modules=[]).apply(tiny_llama())
+
+
+def test_architecture_default_targets_need_only_match_as_a_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a default list covers a family of models; a variant may lack some of its layers
+    monkeypatch.setitem(
+        IA3_DEFAULT_TARGETS, "llama", (["k_proj", "v_proj", "down_proj", "w_absent"], ["down_proj"])
+    )
+    model = IA3().apply(tiny_llama())
+    adapted = {name for name, m in model.named_modules() if isinstance(m, IA3Linear)}
+    assert adapted == _llama_names(("k_proj", "v_proj", "down_proj"))
