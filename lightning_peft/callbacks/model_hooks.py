@@ -58,10 +58,16 @@ _attaching = False
 
 def wait_for_model(owner: object, pl_module: nn.Module, path: str | None, action: Callable[[], bool]) -> None:
     """Run ``action`` each time a module is assigned on the way to ``pl_module``'s module at ``path``
-    (None: ``pl_module`` itself) until it returns True. One wait per ``owner`` (a later call replaces it)."""
+    (None: ``pl_module`` itself) until it returns True. One wait per ``owner``: a later call replaces
+    it in its place, so the order stays that of the first calls (a callback set up early by another
+    one, then again by Lightning, keeps its turn)."""
     global _handle
-    stop_waiting(owner)
-    _waits.append(_Wait(owner, pl_module, path, action))
+    wait = _Wait(owner, pl_module, path, action)
+    places = [i for i, w in enumerate(_waits) if w.owner is owner]
+    if places:
+        _waits[places[0]] = wait
+    else:
+        _waits.append(wait)
     if _handle is None:
         _handle = register_module_module_registration_hook(_on_registration)
 
