@@ -141,7 +141,9 @@ def test_every_checkpoint_holds_only_trainable_tensors(tmp_path, weights_only):
         saved = torch.load(path, weights_only=True)
         assert set(saved["state_dict"]) == {f"model.{i}.lora_{ab}" for i in (0, 2, 4) for ab in "AB"}
         # weights-only files carry the record in the state dict's metadata (read by load_from_checkpoint)
-        record = saved["state_dict"]._metadata[""]["lightning_peft"] if weights_only else saved["lightning_peft"]
+        record = (
+            saved["state_dict"]._metadata[""]["lightning_peft"] if weights_only else saved["lightning_peft"]
+        )
         assert record["strategy"]["config"]["r"] == 2
         assert record["trainable"]["model.0.lora_A"] == [2, 8]
     assert "model.0.base_layer.weight" in module.state_dict()  # after the run state_dict() is whole again
@@ -281,3 +283,87 @@ def test_load_from_checkpoint_reports_a_truncated_file(tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_from_checkpoint(Classifier, tmp_path / "cut.ckpt")
+
+
+def _no_callback_inside(module: nn.Module) -> None:
+    """Nothing of a PEFT callback on ``module``: no method replaced on the instance, no module hook."""
+    for name in ("configure_model", "on_save_checkpoint", "on_load_checkpoint", "training_step"):
+        assert name not in module.__dict__, name
+    assert not module._state_dict_hooks and not module._load_state_dict_pre_hooks
+
+
+def test_a_second_trainer_with_another_peft_callback_acts_through_its_own_hooks(tmp_path):
+    module = Classifier()
+    trainer(tmp_path / "a", [PEFT(LoRA(**LORA), module="model")], max_epochs=1).fit(module, data())
+    _no_callback_inside(module)  # the first run left nothing behind
+    second = PEFT(LoRA(**LORA), module="model")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
+    fit = trainer(tmp_path / "b", [second, checkpoint], max_epochs=1, enable_checkpointing=True)
+    fit.fit(module, data())
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert set(saved) == {f"model.{i}.lora_{ab}" for i in (0, 2, 4) for ab in "AB"}
+    assert isinstance(module.model[0].base_layer, nn.Linear)  # adapted once, not twice
+    _no_callback_inside(module)
+
+
+class HookedClassifier(Classifier):
+    """A user's module with its own checkpoint and configure_model hooks."""
+
+    calls: list[str]
+
+    def configure_model(self) -> None:
+        self.__dict__.setdefault("calls", []).append("configure_model")
+        super().configure_model()
+
+    def on_save_checkpoint(self, checkpoint):
+        self.__dict__.setdefault("calls", []).append("on_save_checkpoint")
+        checkpoint["mine"] = 42
+
+    def on_load_checkpoint(self, checkpoint):
+        self.__dict__.setdefault("calls", []).append(f"on_load_checkpoint:{checkpoint.get('mine')}")
+
+
+@pytest.mark.parametrize("build_in", ["init", "configure_model"])
+def test_the_modules_own_hooks_still_run(tmp_path, build_in):
+    module = HookedClassifier(build_in)
+    saved_by_instance = []
+    module.on_train_end = lambda: saved_by_instance.append("on_train_end")  # set on the instance
+    fit = trainer(tmp_path, [PEFT(LoRA(**LORA), module="model")], max_epochs=1)
+    fit.fit(module, data())
+    fit.save_checkpoint(tmp_path / "a.ckpt")
+    assert module.calls == ["configure_model", "on_save_checkpoint"] and saved_by_instance == ["on_train_end"]
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True)["mine"] == 42
+    resumed = HookedClassifier(build_in)
+    trainer(tmp_path, [PEFT(LoRA(**LORA), module="model")], max_epochs=2).fit(
+        resumed, data(), ckpt_path=tmp_path / "a.ckpt"
+    )
+    assert resumed.calls[:2] == ["configure_model", "on_load_checkpoint:42"]
+    assert isinstance(resumed.model[0], LoRALinear)
+
+
+def test_a_deep_copy_after_fit_carries_no_callback(tmp_path):
+    import copy
+
+    module = Classifier()
+    trainer(tmp_path, [PEFT(LoRA(**LORA), module="model")], max_epochs=1).fit(module, data())
+    twin = copy.deepcopy(module)
+    _no_callback_inside(twin)
+    assert "model.0.base_layer.weight" in twin.state_dict()
+
+
+class CopyDuringFit(L.Callback):
+    """What an EMA or SWA callback does: a deep copy of the module during training."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.copy = __import__("copy").deepcopy(pl_module)
+
+
+def test_a_deep_copy_during_fit_shares_the_hooks_and_keeps_a_whole_state_dict(tmp_path):
+    copier = CopyDuringFit()
+    callback = PEFT(LoRA(**LORA), module="model")
+    module = Classifier()
+    trainer(tmp_path, [callback, copier], max_epochs=1).fit(module, data())
+    hooks = list(copier.copy._state_dict_hooks.values())
+    assert hooks and all(hook.callback is callback for hook in hooks)  # shared, not copies of the callback
+    assert "model.0.base_layer.weight" in copier.copy.state_dict()  # the copy is not pruned
