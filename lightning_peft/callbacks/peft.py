@@ -163,7 +163,9 @@ class PEFT(Callback):
                 self, pl_module, self.module, lambda: self.adapt(pl_module, trainer, required=False)
             )
 
-    def _stop_waiting(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _stop_waiting(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, fitting: bool = False
+    ) -> None:
         """At the start of a stage the model must be adapted: setup()/configure_model() are over."""
         if not is_waiting(self):
             return
@@ -171,7 +173,7 @@ class PEFT(Callback):
         target = resolve_module(pl_module, self.module)
         if target is None or not any(True for _ in target.parameters()):
             raise missing_module_error("PEFT", self.module, pl_module)
-        if trainer.training:  # the optimizer was built from the unadapted model
+        if fitting:  # the optimizer was built from the unadapted model
             raise ValueError(
                 f"PEFT(module={self.module!r}) found the model only after configure_optimizers: it got its "
                 "parameters after it was assigned in setup()/configure_model(); build the model, then assign "
@@ -181,7 +183,10 @@ class PEFT(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_waiting(trainer, pl_module)
+        self._stop_waiting(trainer, pl_module, fitting=True)
+        root = trainer.strategy.model  # wrapped by now: FSDP reads the checkpoint from its wrapper
+        if isinstance(root, nn.Module) and root is not pl_module and len(self._handles) == 2:
+            self._handles.append(root.register_state_dict_post_hook(_PruneCheckpoint(self, pl_module, root)))
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -340,17 +345,19 @@ class _PruneCheckpoint:
     object instead of copying the callback.
     """
 
-    def __init__(self, callback: PEFT, pl_module: nn.Module) -> None:
-        self.callback, self.pl_module = callback, pl_module
+    def __init__(self, callback: PEFT, pl_module: nn.Module, root: nn.Module | None = None) -> None:
+        # root: the module Lightning reads the checkpoint from when it is not the LightningModule
+        # itself (FSDP wraps it); its own post-hook has cleaned the names before this one runs
+        self.callback, self.pl_module, self.root = callback, pl_module, root or pl_module
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _PruneCheckpoint:
         return self
 
     def __call__(self, module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict) -> None:
-        if module is not self.pl_module or prefix:
+        if module is not self.root or prefix:
             return
         record: dict[str, Any] = {"state_dict": state}
-        self.callback.prune_checkpoint(module, record)
+        self.callback.prune_checkpoint(self.pl_module, record)
         if CHECKPOINT_KEY in record:  # read back by load_from_checkpoint for weights-only files
             local_metadata[CHECKPOINT_KEY] = record[CHECKPOINT_KEY]
 

@@ -372,3 +372,21 @@ def test_a_deep_copy_during_fit_shares_the_hooks_and_keeps_a_whole_state_dict(tm
     hooks = list(copier.copy._state_dict_hooks.values())
     assert hooks and all(hook.callback is callback for hook in hooks)  # shared, not copies of the callback
     assert "model.0.base_layer.weight" in copier.copy.state_dict()  # the copy is not pruned
+
+
+class FilledAfterAssignment(Classifier):
+    """Assigns an empty container in configure_model and fills it afterwards."""
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "model"):
+            self.model = nn.Sequential()
+            self.model.append(nn.Linear(8, 2))
+
+
+def test_a_model_that_gets_its_parameters_after_assignment_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"found the model only after configure_optimizers.*build the model, then"
+    ):
+        trainer(tmp_path, [PEFT(LoRA(**LORA), module="model")], max_epochs=1).fit(
+            FilledAfterAssignment("configure_model"), data()
+        )

@@ -242,9 +242,6 @@ def fit(
     final_ckpt = out / "final.ckpt"
     trainer.save_checkpoint(final_ckpt)  # collective under FSDP: every rank calls it
     state = trainer.strategy.lightning_module_state_dict()  # gathered whole on rank 0 under FSDP
-    # after fit the module's state_dict() is whole again (the PEFT hooks are gone): keep what trains
-    trains = {clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
-    state = {k: v for k, v in state.items() if clean_name(k) in trains}
     rank = trainer.global_rank
     torch.save(
         {
