@@ -132,6 +132,10 @@ def methods(args: argparse.Namespace) -> dict[str, tuple[Callable[[nn.Module], n
         "lora-input-grads": (_with_input_grads(_ours(lambda: LoRA(r=16, lora_alpha=32))), None),
         "lora-dropout": (_ours(lambda: LoRA(r=16, lora_alpha=32, lora_dropout=0.05)), "peft-lora-dropout"),
         "peft-lora-dropout": (_peft(lora_dropout=0.05), None),
+        "lora-dropout-shared": (
+            _ours(lambda: LoRA(r=16, lora_alpha=32, lora_dropout=0.05, share_dropout_mask=True)),
+            "peft-lora-dropout",
+        ),
         "dora": (_ours(lambda: LoRA(r=16, lora_alpha=32, use_dora=True)), "peft-dora"),
         "peft-dora": (_peft(use_dora=True), None),
         "qlora": (_ours(lambda: QLoRA(r=16, lora_alpha=32, compute_dtype=qlora_dtype)), None),

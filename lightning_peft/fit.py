@@ -96,7 +96,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["global_step"] = trainer.global_step
     final = out / "checkpoints" / "last-adapter.ckpt"
-    trainer.save_checkpoint(final, weights_only=True)
+    # a full (not weights-only) save: after fit only the PEFT callback's on_save_checkpoint can cut
+    # the file to the adapters, and Lightning skips callback hooks for weights-only saves; the extra
+    # optimizer state is adapter-sized
+    trainer.save_checkpoint(final, weights_only=False)
     if trainer.is_global_zero:
         from lightning_peft import export_adapter
 

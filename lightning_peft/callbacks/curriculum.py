@@ -12,8 +12,9 @@ and the active adapter at declared epochs or steps.
 How a phase opens up parameters, also under DDP (which registers only the parameters that require
 grad when it wraps the model, so unfreezing later fails):
 
-- right after ``configure_model`` (after the ``PEFT`` callback adapted the model, and before the
-  optimizer, DDP and a resumed checkpoint see it), every parameter that some phase trains gets
+- at ``setup``, or for a model built in ``setup()``/``configure_model()`` the moment it is assigned
+  (after the ``PEFT`` callback adapted it, and before the optimizer, DDP and a resumed checkpoint see
+  it; see ``model_hooks``), every parameter that some phase trains gets
   ``requires_grad=True``; the optimizer and DDP hold it from the start, and adapter-only checkpoints
   save it;
 - outside its phases, its gradient is dropped (set to None) right before each optimizer step, after
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -40,6 +40,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_peft.callbacks.model_hooks import is_waiting, stop_waiting, wait_for_model
 from lightning_peft.callbacks.peft import PEFT, missing_module_error, module_path_problems, resolve_module
 from lightning_peft.callbacks.phases import Phase, as_phases, sources
 from lightning_peft.strategies.freeze import find_blocks
@@ -170,23 +171,29 @@ class CurriculumSchedule(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for callback in trainer.callbacks[trainer.callbacks.index(self) + 1 :]:
             if isinstance(callback, PEFT):
-                # PEFT installs its configure_model hook in its setup and ours must wrap it, so a PEFT
-                # callback listed after this one sets up now (its setup is idempotent)
+                # the phases are resolved on the adapted model: a PEFT callback listed after this one
+                # sets up (adapts, or starts waiting for the model) first; its setup is idempotent
                 callback.setup(trainer, pl_module, stage)
-        self._install_hook(pl_module)
+        if self._model_exists(pl_module):
+            self.prepare(pl_module, trainer)
+        else:  # built in setup()/configure_model(): prepared when assigned, after PEFT adapted it
+            wait_for_model(self, pl_module, self.module, lambda: self._prepare_if_built(pl_module, trainer))
         self._position = trainer.global_step if self.unit == "step" else trainer.current_epoch
         self._entered = self._data_from = None
 
-    def _install_hook(self, pl_module: pl.LightningModule) -> None:
-        current = pl_module.__dict__.get("configure_model")
-        link = current
-        while isinstance(link, partial) and link.func is _configure_model_then_prepare:
-            if link.args[0] is self:
-                return
-            link = link.args[2]
-        # a partial of a module-level function: picklable (ddp_spawn), and Lightning calls it even when
-        # the module defines no configure_model
-        pl_module.configure_model = partial(_configure_model_then_prepare, self, pl_module, current)
+    def _model_exists(self, pl_module: pl.LightningModule) -> bool:
+        target = resolve_module(pl_module, self.module)
+        return target is not None and any(True for _ in target.parameters())
+
+    def _prepare_if_built(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> bool:
+        if not self._model_exists(pl_module):
+            return False
+        self.prepare(pl_module, trainer)
+        return True
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        stop_waiting(self)
 
     def prepare(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
         """Resolve every phase against the model and let each parameter a phase trains require grad.
@@ -296,6 +303,9 @@ class CurriculumSchedule(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if is_waiting(self):  # setup() and configure_model() are over and no model came
+            stop_waiting(self)
+            raise missing_module_error("CurriculumSchedule", self.module, pl_module)
         self._check_optimizers(trainer)
         # before the first loader is built; on a resume, self._position came from the checkpoint
         self._enter(trainer, pl_module, self.phase_at(self._position))
@@ -389,13 +399,3 @@ class CurriculumSchedule(Callback):
                 f"{', '.join(missing[:8])}{more}. They require grad from the start (so DDP registers them): "
                 "build the optimizer from every parameter with requires_grad in configure_optimizers"
             )
-
-
-def _configure_model_then_prepare(
-    callback: CurriculumSchedule, pl_module: pl.LightningModule, inner: Callable[[], None] | None
-) -> None:
-    if inner is None:
-        type(pl_module).configure_model(pl_module)
-    else:
-        inner()  # the PEFT callback's hook: the user's configure_model, then the strategy
-    callback.prepare(pl_module, pl_module._trainer)

@@ -39,7 +39,9 @@ def install(pl_module: pl.LightningModule, owner: LossTerm) -> None:
         if link.args[0] is owner:
             return
         link = link.args[2]
-    pl_module.training_step = partial(_step_with, owner, pl_module, pl_module.__dict__.get("training_step"))
+    pl_module.training_step = _signed(
+        partial(_step_with, owner, pl_module, pl_module.__dict__.get("training_step")), pl_module
+    )
 
 
 def uninstall(pl_module: pl.LightningModule, owner: LossTerm) -> None:
@@ -49,6 +51,17 @@ def uninstall(pl_module: pl.LightningModule, owner: LossTerm) -> None:
         pl_module.__dict__.pop("training_step", None)
     else:
         pl_module.training_step = rest
+
+
+def _signed(link: partial, pl_module: pl.LightningModule) -> partial:
+    """``link`` showing the signature of the user's own ``training_step``: Lightning reads it (through
+    ``__wrapped__``) to decide what to pass, e.g. ``dataloader_iter`` instead of a batch, and a bare
+    ``(*args, **kwargs)`` would hide it."""
+    own = pl_module.__dict__.get("training_step")
+    while isinstance(own, partial) and own.func is _step_with:
+        own = own.args[2]
+    link.__wrapped__ = own if own is not None else type(pl_module).training_step  # type: ignore[attr-defined]
+    return link
 
 
 def map_loss(output: Any, change: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -70,4 +83,4 @@ def _without(link: Any, owner: LossTerm) -> Any:
         return link
     this, pl_module, below = link.args
     rest = _without(below, owner)
-    return rest if this is owner else partial(_step_with, this, pl_module, rest)
+    return rest if this is owner else _signed(partial(_step_with, this, pl_module, rest), pl_module)

@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
+from lightning_peft.callbacks.model_hooks import is_waiting, stop_waiting, wait_for_model
 from lightning_peft.callbacks.peft import (
     _APPLIED_ATTR,
     PEFT,
@@ -51,7 +51,6 @@ from lightning_peft.strategies.named import adapter_names, add_adapter
 from lightning_peft.strategies.targeting import validation_error
 
 SHARED_ADAPTER = "shared"
-_HOOKED_ATTR = "_lightning_peft_multitask_hooked"
 
 
 class MultiTaskSchedule(Callback):
@@ -172,7 +171,14 @@ class MultiTaskSchedule(Callback):
         self._check_trainer(trainer)
         self._owned = None
         if self.strategy is not None and not self.add_adapters(pl_module, trainer, required=False):
-            _install_configure_model_hook(self, pl_module)
+            # built in setup()/configure_model(): added when assigned, after PEFT (see model_hooks)
+            wait_for_model(
+                self, pl_module, self.module, lambda: self.add_adapters(pl_module, trainer, required=False)
+            )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        stop_waiting(self)
 
     def _check_trainer(self, trainer: pl.Trainer) -> None:
         problems = []
@@ -221,7 +227,7 @@ class MultiTaskSchedule(Callback):
         for param in keep:
             param.requires_grad_(True)
         self._owned = None
-        _record_in_peft(trainer or pl_module._trainer, pl_module)
+        _record_in_peft(trainer, pl_module)
         trainable, total = count_parameters(pl_module)
         rank_zero_info(
             f"lightning_peft: MultiTaskSchedule added {type(self.strategy).__name__} adapters {missing} to "
@@ -231,6 +237,9 @@ class MultiTaskSchedule(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if is_waiting(self):  # setup() and configure_model() are over and no model came
+            stop_waiting(self)
+            raise missing_module_error("MultiTaskSchedule", self.module, pl_module)
         self._owned = self._find_owned(pl_module)  # fails early when adapters are missing
 
     @override
@@ -362,22 +371,3 @@ def _record_in_peft(trainer: pl.Trainer | None, pl_module: pl.LightningModule) -
     for callback in getattr(trainer, "callbacks", None) or []:
         if isinstance(callback, PEFT) and callback._shapes:
             callback.record_parameters(pl_module)
-
-
-def _install_configure_model_hook(callback: MultiTaskSchedule, pl_module: pl.LightningModule) -> None:
-    if getattr(pl_module, _HOOKED_ATTR, False):
-        return
-    # chains the PEFT callback's own wrapper when there is one (it was installed first)
-    previous = pl_module.__dict__.get("configure_model")
-    pl_module.configure_model = partial(_configure_model_then_add, callback, pl_module, previous)
-    object.__setattr__(pl_module, _HOOKED_ATTR, True)
-
-
-def _configure_model_then_add(
-    callback: MultiTaskSchedule, pl_module: pl.LightningModule, previous: Any
-) -> None:
-    if previous is not None:
-        previous()
-    else:
-        type(pl_module).configure_model(pl_module)
-    callback.add_adapters(pl_module, pl_module._trainer, required=True)

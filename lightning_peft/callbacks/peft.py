@@ -1,24 +1,27 @@
 """The ``PEFT`` callback: apply a strategy to a LightningModule and keep checkpoints adapter-only.
 
-When it acts (see ``shared/DESIGN.md`` for Lightning's hook order):
+It acts through Lightning's callback hooks and torch's public, removable module hooks; it replaces
+nothing on the LightningModule, so the module's own ``configure_model``, ``on_save_checkpoint`` and
+``on_load_checkpoint`` run as written, and a copy of the module (EMA, SWA) carries no callback.
 
 - ``setup``: if the model already exists (built in ``__init__``), the strategy is applied now;
-- ``configure_model`` (wrapped on the module instance): models built in ``setup()`` or
-  ``configure_model()`` are adapted right after the user's code ran, still before a checkpoint is
-  restored and before the optimizer is built, so the optimizer and DDP see only the adapters;
-- ``on_save_checkpoint`` (wrapped on the module, because Lightning skips callback hooks for
-  weights-only checkpoints): the state dict is cut to the trainable tensors and the strategy's config
-  is stored under ``checkpoint["lightning_peft"]``;
-- ``on_load_checkpoint`` (wrapped likewise): the checkpoint is checked against the model before
-  anything is loaded; missing adapter tensors, wrong shapes or another strategy raise an error
-  naming them. Frozen base weights are never touched by an adapter-only checkpoint.
+  otherwise it is applied the moment ``setup()`` or ``configure_model()`` assigns it (see
+  ``model_hooks``): still before a checkpoint is restored and before the optimizer is built, so the
+  optimizer and DDP see only the adapters;
+- a state-dict post-hook on the LightningModule (module-level, because Lightning skips callback hooks
+  for weights-only checkpoints): while the Trainer runs, the module's own ``state_dict()`` (what a
+  checkpoint stores) is cut to the trainable tensors, with the strategy's config in the state dict's
+  metadata; ``on_save_checkpoint`` also stores it under ``checkpoint["lightning_peft"]``;
+- a load-state-dict pre-hook: the checkpoint is checked against the model before anything is
+  loaded; missing adapter tensors, wrong shapes or another strategy raise an error naming them.
+  Frozen base weights are never touched by an adapter-only checkpoint.
+- ``teardown`` removes the hooks: after ``fit`` the module's ``state_dict()`` is whole again.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lightning_peft.callbacks.model_hooks import is_waiting, stop_waiting, wait_for_model
 from lightning_peft.strategies.base import PEFTStrategy, adapter_modules, count_parameters
 from lightning_peft.strategies.compose import as_strategy
 from lightning_peft.strategies.state import clean_name, config_differences, mismatches, trainable_names
@@ -36,7 +40,6 @@ from lightning_peft.strategies.state import clean_name, config_differences, mism
 CHECKPOINT_KEY = "lightning_peft"
 FORMAT_VERSION = 1
 _APPLIED_ATTR = "_lightning_peft_config"
-_HOOKED_ATTR = "_lightning_peft_hooked"
 
 
 def resolve_module(pl_module: nn.Module, path: str | None) -> nn.Module | None:
@@ -98,6 +101,7 @@ class PEFT(Callback):
         self.save_rng_state = save_rng_state
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._pretrained: Any = None  # set by from_pretrained: weights to load right after applying
+        self._handles: list[Any] = []  # the module hooks of the running Trainer
 
     @classmethod
     def from_pretrained(cls, path: str | Path, module: str | None = None, **kwargs: Any) -> PEFT:
@@ -149,8 +153,81 @@ class PEFT(Callback):
             raise ValueError(
                 "a Trainer takes one PEFT callback; pass several strategies as a list: PEFT([LoRA(...), Freeze(...)])"
             )
-        self._install_hooks(pl_module)
-        self.adapt(pl_module, trainer, required=False)
+        self._remove_hooks()
+        self._handles = [
+            pl_module.register_state_dict_post_hook(_PruneCheckpoint(self, pl_module)),
+            pl_module.register_load_state_dict_pre_hook(_CheckCheckpoint(self, pl_module)),
+        ]
+        if not self.adapt(pl_module, trainer, required=False) and not self._is_applied(pl_module):
+            wait_for_model(
+                self, pl_module, self.module, lambda: self.adapt(pl_module, trainer, required=False)
+            )
+
+    def _stop_waiting(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, fitting: bool = False
+    ) -> None:
+        """At the start of a stage the model must be adapted: setup()/configure_model() are over."""
+        if not is_waiting(self):
+            return
+        stop_waiting(self)
+        target = resolve_module(pl_module, self.module)
+        if target is None or not any(True for _ in target.parameters()):
+            raise missing_module_error("PEFT", self.module, pl_module)
+        if fitting:  # the optimizer was built from the unadapted model
+            raise ValueError(
+                f"PEFT(module={self.module!r}) found the model only after configure_optimizers: it got its "
+                "parameters after it was assigned in setup()/configure_model(); build the model, then assign "
+                "it to the LightningModule"
+            )
+        self.adapt(pl_module, trainer)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_waiting(trainer, pl_module, fitting=True)
+        root = trainer.strategy.model  # wrapped by now: FSDP reads the checkpoint from its wrapper
+        if isinstance(root, nn.Module) and root is not pl_module and len(self._handles) == 2:
+            self._handles.append(root.register_state_dict_post_hook(_PruneCheckpoint(self, pl_module, root)))
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_waiting(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_waiting(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_waiting(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        stop_waiting(self)
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # during a run _PruneCheckpoint pruned the state dict already; trainer.save_checkpoint after
+        # the run (hooks removed) is pruned here (weights-only saves after the run stay whole)
+        self.prune_checkpoint(pl_module, checkpoint)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # _CheckCheckpoint checked the tensors before loading; this also covers FSDP and DeepSpeed,
+        # which load without the module's load_state_dict, and files with the record only up here
+        self.check_checkpoint(pl_module, checkpoint)
+
+    def _is_applied(self, pl_module: nn.Module) -> bool:
+        return getattr(resolve_module(pl_module, self.module), _APPLIED_ATTR, None) is not None
 
     def adapt(
         self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None, required: bool = True
@@ -190,16 +267,6 @@ class PEFT(Callback):
         """
         self._shapes = {clean_name(n): tuple(p.shape) for n, p in pl_module.named_parameters()}
 
-    def _install_hooks(self, pl_module: pl.LightningModule) -> None:
-        if getattr(pl_module, _HOOKED_ATTR, False):
-            return
-        # partials of module-level functions: picklable (ddp_spawn), and Lightning's is_overridden
-        # sees a configure_model of its own so it calls it even when the user defined none
-        pl_module.configure_model = partial(_configure_model_then_adapt, self, pl_module)
-        pl_module.on_save_checkpoint = partial(_save_adapter_only, self, pl_module)
-        pl_module.on_load_checkpoint = partial(_check_then_load, self, pl_module)
-        object.__setattr__(pl_module, _HOOKED_ATTR, True)
-
     def checkpoint_metadata(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
@@ -211,12 +278,15 @@ class PEFT(Callback):
     def prune_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Cut ``checkpoint["state_dict"]`` to the trainable tensors and record the strategy."""
         state = checkpoint.get("state_dict")
-        if state is None or getattr(resolve_module(pl_module, self.module), _APPLIED_ATTR, None) is None:
+        if state is None or not self._is_applied(pl_module):
             return
         keep = set(trainable_names(pl_module))
-        pruned = {k: v for k, v in state.items() if clean_name(k) in keep}
-        checkpoint["state_dict"] = pruned
-        checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata(pl_module, pruned)
+        for key in [k for k in state if clean_name(k) not in keep]:
+            del state[key]
+        checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata(pl_module, state)
+        metadata = getattr(state, "_metadata", None)  # what the load pre-hook sees (_CheckCheckpoint)
+        if metadata is not None:
+            metadata.setdefault("", {})[CHECKPOINT_KEY] = checkpoint[CHECKPOINT_KEY]
 
     def check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming every way ``checkpoint`` does not fit the adapted model."""
@@ -267,21 +337,51 @@ class PEFT(Callback):
         rank_zero_info("\n".join(lines))
 
 
+class _PruneCheckpoint:
+    """State-dict post-hook: the LightningModule's own ``state_dict()`` holds only what trains.
+
+    Only the module it was registered on, called at the top (a checkpoint's ``state_dict``): a copy
+    (``deepcopy`` by EMA or SWA) or a submodule's ``state_dict()`` is left whole. A copy shares this
+    object instead of copying the callback.
+    """
+
+    def __init__(self, callback: PEFT, pl_module: nn.Module, root: nn.Module | None = None) -> None:
+        # root: the module Lightning reads the checkpoint from when it is not the LightningModule
+        # itself (FSDP wraps it); its own post-hook has cleaned the names before this one runs
+        self.callback, self.pl_module, self.root = callback, pl_module, root or pl_module
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PruneCheckpoint:
+        return self
+
+    def __call__(self, module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict) -> None:
+        if module is not self.root or prefix:
+            return
+        record: dict[str, Any] = {"state_dict": state}
+        self.callback.prune_checkpoint(self.pl_module, record)
+        if CHECKPOINT_KEY in record:  # read back by load_from_checkpoint for weights-only files
+            local_metadata[CHECKPOINT_KEY] = record[CHECKPOINT_KEY]
+
+
+class _CheckCheckpoint:
+    """Load-state-dict pre-hook: adapt the model if needed, then check the state dict before loading."""
+
+    def __init__(self, callback: PEFT, pl_module: nn.Module) -> None:
+        self.callback, self.pl_module = callback, pl_module
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _CheckCheckpoint:
+        return self
+
+    def __call__(
+        self, module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict, *_: Any
+    ) -> None:
+        if module is not self.pl_module or prefix:
+            return
+        stop_waiting(self.callback)
+        self.callback.adapt(module, required=True)
+        self.callback.check_checkpoint(
+            module, {"state_dict": state, CHECKPOINT_KEY: local_metadata.get(CHECKPOINT_KEY)}
+        )
+
+
 def _buffer_names(pl_module: nn.Module) -> set[str]:
     return {clean_name(n) for n, _ in pl_module.named_buffers()}
-
-
-def _configure_model_then_adapt(callback: PEFT, pl_module: pl.LightningModule) -> None:
-    type(pl_module).configure_model(pl_module)
-    callback.adapt(pl_module, pl_module._trainer, required=True)
-
-
-def _save_adapter_only(callback: PEFT, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    type(pl_module).on_save_checkpoint(pl_module, checkpoint)
-    callback.prune_checkpoint(pl_module, checkpoint)
-
-
-def _check_then_load(callback: PEFT, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    callback.adapt(pl_module, pl_module._trainer, required=True)
-    callback.check_checkpoint(pl_module, checkpoint)
-    type(pl_module).on_load_checkpoint(pl_module, checkpoint)

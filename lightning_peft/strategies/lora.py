@@ -71,7 +71,9 @@ class LoRA(PEFTStrategy):
     Args:
         r: rank of the update (LoRA sec. 4.1).
         lora_alpha: the update is scaled by ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``).
-        lora_dropout: dropout on the adapter's input only (the base path is untouched).
+        lora_dropout: dropout on the adapter's input only (the base path is untouched). Each adapted
+            layer draws its own mask, as peft, torchtune and LitGPT do; the rate is applied in steps
+            of 1/65536.
         target_modules: a full-match regex, a list of names or suffixes, or ``"all-linear"`` (default).
         exclude_modules: same forms; never adapted.
         layers_to_transform: only blocks with these indices (``layers.<i>.``).
@@ -82,6 +84,13 @@ class LoRA(PEFTStrategy):
         use_dora: weight-decomposed LoRA (linear and conv layers).
         init_lora_weights: ``True`` (B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), or ``False``
             (both random: not an identity, for tests).
+        share_dropout_mask: with ``lora_dropout``, layers that read the same tensor (q, k and v; gate
+            and up) use one mask instead of one each. It trades the method's semantics for speed and
+            memory: one draw instead of three, and backward keeps one packed mask per input instead
+            of one per layer (1/32 of a float32 input each). Each layer still drops a fraction
+            ``lora_dropout``, but the layers drop the same elements, so training is no longer what
+            peft's recipes with the same ``lora_dropout`` describe. Eager mode only (torch.compile
+            raises); plain ``nn.Linear``/``Conv1D`` layers (Conv2d layers draw their own).
 
     Example::
 
@@ -100,6 +109,7 @@ class LoRA(PEFTStrategy):
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | Literal["gaussian"] = True
+    share_dropout_mask: bool = False
 
     def __post_init__(self) -> None:
         plain_lists(self)
@@ -124,6 +134,8 @@ class LoRA(PEFTStrategy):
             problems.append(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
+        if not isinstance(self.share_dropout_mask, bool):
+            problems.append(f"share_dropout_mask must be True or False, got {self.share_dropout_mask!r}")
         layers = self.layers_to_transform
         if layers is not None and not (
             isinstance(layers, int) or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
@@ -176,7 +188,13 @@ class LoRA(PEFTStrategy):
             elif isinstance(layer, nn.Conv2d):
                 new = LoRAConv2d(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
             else:
-                new = LoRALinear(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
+                new = LoRALinear(
+                    module,
+                    lora_dropout=self.lora_dropout,
+                    use_dora=self.use_dora,
+                    share_dropout_mask=self.share_dropout_mask,
+                    **common,
+                )
                 if kept_names is not None:
                     new.dora_saves_output = matches(name, kept_names)
             replace_module(model, name, new)

@@ -6,7 +6,7 @@
   the dropout mask packed one bit per element (1/32 of a float32 copy) and rebuilds the dropped
   input in backward.
 - :func:`dropout_mask`: dropout masks from 16-bit uniform numbers, four per 64-bit draw, one per
-  input tensor: the layers that read the same tensor share it.
+  layer; :func:`shared_dropout_mask` (opt-in) shares one among the layers that read the same tensor.
 - :class:`_DoRAScale`: DoRA's ``m / ||W + s B A||`` scaling; it saves the layer output and recovers the
   unscaled sum in backward instead of saving a second output-sized tensor.
 """
@@ -49,9 +49,14 @@ def _unpack_bits(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype = t
 
 def _uniform16(numel: int, p: float, device: torch.device | str) -> tuple[torch.Tensor, int, float]:
     """``numel`` uniform int16 numbers (four per 64-bit draw of the default generator), the value from
-    which an element is kept, and the exact keep probability (``p`` in steps of 1/65536)."""
-    threshold = round(p * 65536)
-    words = torch.empty(-(-numel // 4), dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    which an element is kept, and the exact keep probability (``p`` in steps of 1/65536).
+
+    The draw is out of place (``torch.randint``, the same stream as ``random_``): torch.compile traces
+    it, where an in-place ``random_`` breaks the graph. At least one value in 65536 is kept, so a
+    ``p`` just below 1 still has a nonzero keep probability to divide by.
+    """
+    threshold = min(round(p * 65536), 65535)
+    words = torch.randint(-(2**63), 2**63 - 1, (-(-numel // 4),), dtype=torch.int64, device=device)
     return words.view(torch.int16)[:numel], threshold - 32768, (65536 - threshold) / 65536
 
 
@@ -61,8 +66,9 @@ def keep_mask(
     """Dropout's keep mask (bool, ``shape``) and the probability it keeps, from the default generator.
 
     Four 16-bit uniform numbers come out of each 64-bit draw, so this costs about a fifth of
-    ``bernoulli_`` on the CPU. ``p`` is rounded to a multiple of 1/65536 (0.05 -> 0.0500031); the
-    returned keep probability is the exact one, for the ``1 / keep`` of inverted dropout.
+    ``bernoulli_`` on the CPU. ``p`` is rounded to a multiple of 1/65536 (0.05 -> 0.0500031), at most
+    65535/65536; the returned keep probability is the exact one, for the ``1 / keep`` of inverted
+    dropout.
     """
     uniform, lowest_kept, keep_p = _uniform16(math.prod(shape), p, device)
     return (uniform >= lowest_kept).view(shape), keep_p
@@ -77,6 +83,19 @@ class DropoutMask(NamedTuple):
     keep_p: float
 
 
+def dropout_mask(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> DropoutMask:
+    """A new dropout mask for ``x``: each call (each layer) draws its own, as peft, torchtune and LitGPT do.
+
+    ``keep`` comes in ``dtype`` (default: ``x``'s), for a layer that computes in another one
+    (autocast). Traceable by torch.compile (no in-place random ops, no host synchronisation).
+    """
+    uniform, lowest_kept, keep_p = _uniform16(x.numel(), p, x.device)
+    # keep = clamp(u - lowest_kept + 1, 0, 1): floats straight from the integers, cheaper than a bool
+    # mask times x (a mixed-dtype multiply); exact in float32 for every int16 value
+    keep = (uniform.to(torch.float32) - (lowest_kept - 1)).clamp(0, 1).view(x.shape).to(dtype or x.dtype)
+    return DropoutMask(keep, _pack_bits(uniform >= lowest_kept), keep_p)
+
+
 class _SharedDraw(NamedTuple):
     tensor: weakref.ref  # the tensor it was drawn for: the entry goes when the tensor goes
     version: int
@@ -86,8 +105,8 @@ class _SharedDraw(NamedTuple):
     readers: set[int]
 
 
-# id(tensor) -> its latest draw. Kept beside the tensors, not on them: an attribute on a tensor would
-# be pickled with it (torch.save of a batch) and refused by torch.load(weights_only=True).
+# id(tensor) -> its latest shared draw. Kept beside the tensors, not on them: an attribute on a tensor
+# would be pickled with it (torch.save of a batch) and refused by torch.load(weights_only=True).
 _DRAWS: dict[int, _SharedDraw] = {}
 
 
@@ -100,24 +119,31 @@ def _forget(key: int) -> Callable[[weakref.ref], None]:
     return forget
 
 
-def dropout_mask(x: torch.Tensor, p: float, reader: object, dtype: torch.dtype | None = None) -> DropoutMask:
-    """The dropout mask ``reader`` (a LoRA layer) applies to ``x``: the one drawn for this same tensor
-    by another layer (same ``p``, ``x`` unchanged since), else a new draw.
+def shared_dropout_mask(
+    x: torch.Tensor, p: float, reader: object, dtype: torch.dtype | None = None
+) -> DropoutMask:
+    """The dropout mask ``reader`` (a LoRA layer) applies to ``x`` when layers share masks
+    (``LoRA(share_dropout_mask=True)``): the one drawn for this same tensor by another layer (same
+    ``p``, ``x`` unchanged since), else a new draw.
 
-    Layers that read one tensor (q, k and v; gate and up) so share one mask, drawn once and kept once
-    (its packed bits are the same storage in every layer's backward); peft draws one per layer. The
+    Layers that read one tensor (q, k and v; gate and up) then share one mask, drawn once and kept
+    once (its packed bits are the same storage in every layer's backward). Per layer the distribution
+    is dropout's, but the layers' masks are identical instead of independent: not peft's method. The
     draw is remembered while ``x`` lives (a weak reference); a layer that reads ``x`` again (a second
-    forward on the same tensor) draws afresh, as it would without sharing. Same keep probability and,
-    per layer, the same distribution as independent masks. ``keep`` comes in ``dtype`` (default:
-    ``x``'s), for a layer that computes in another one (autocast).
+    forward on the same tensor) draws afresh. Eager mode only: tensor identities and version counters
+    are not traceable by torch.compile.
     """
-    dtype = dtype or x.dtype
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "share_dropout_mask=True works in eager mode only (it finds a tensor's mask by the tensor's "
+            "identity, which torch.compile cannot trace); compile with share_dropout_mask=False"
+        )
     try:
         version = x._version
     except RuntimeError:  # an inference-mode tensor has no version counter: no sharing
-        version = None
+        return dropout_mask(x, p, dtype)
     key, reader_key = id(x), id(reader)
-    shared = _DRAWS.get(key) if version is not None else None
+    shared = _DRAWS.get(key)
     if (
         shared is not None
         and shared.tensor() is x
@@ -126,16 +152,12 @@ def dropout_mask(x: torch.Tensor, p: float, reader: object, dtype: torch.dtype |
         and reader_key not in shared.readers
     ):
         shared.readers.add(reader_key)
-        keep = _unpack_bits(shared.packed, x.shape, dtype)
+        keep = _unpack_bits(shared.packed, x.shape, dtype or x.dtype)
         return DropoutMask(keep, shared.packed, shared.keep_p)
-    uniform, lowest_kept, keep_p = _uniform16(x.numel(), p, x.device)
-    # keep = clamp(u - lowest_kept + 1, 0, 1): floats straight from the integers, cheaper than a bool
-    # mask times x (a mixed-dtype multiply); exact in float32 for every int16 value
-    keep = uniform.to(torch.float32).sub_(lowest_kept - 1).clamp_(0, 1).view(x.shape).to(dtype)
-    mask = DropoutMask(keep, _pack_bits(uniform >= lowest_kept), keep_p)
-    if version is not None:
-        ref = weakref.ref(x, _forget(key))
-        _DRAWS[key] = _SharedDraw(ref, version, p, mask.packed, keep_p, {reader_key})
+    mask = dropout_mask(x, p, dtype)
+    _DRAWS[key] = _SharedDraw(
+        weakref.ref(x, _forget(key)), version, p, mask.packed, mask.keep_p, {reader_key}
+    )
     return mask
 
 
@@ -147,7 +169,7 @@ class _DroppedLoRA(torch.autograd.Function):
     q, k and v projections read one ``x`` but each drops it on its own, so that is three copies. Here
     backward rebuilds ``dropout(x)`` from ``x`` (kept anyway for ``A``'s gradient, and shared by the
     projections reading the same tensor) and the mask's bits (:func:`dropout_mask`): 1/32 of a
-    float32 copy, and one for all the layers that read ``x``.
+    float32 copy per layer (one for all the layers that read ``x`` when they share masks).
     """
 
     @staticmethod
@@ -231,6 +253,16 @@ class _FusedLoRALinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
+def _all_nonzero(magnitude: torch.Tensor) -> bool:
+    """Whether the output ``y = m / n · s`` gives the sum ``s`` back (no ``m`` is zero).
+
+    Eager mode checks (one host synchronisation per layer). A compiled graph cannot branch on a
+    tensor's values: it answers False, and the DoRA nodes keep what works for every magnitude (the
+    fused one recomputes ``s`` in backward, :class:`_DoRAScale` saves it), same gradients.
+    """
+    return not torch.compiler.is_compiling() and bool((magnitude != 0).all())
+
+
 class _FusedDoRALinear(torch.autograd.Function):
     """DoRA on a dense ``nn.Linear`` as one node: ``y = m / n · (x Wᵀ + s · dropout(x) Aᵀ Bᵀ) + b``.
 
@@ -253,7 +285,7 @@ class _FusedDoRALinear(torch.autograd.Function):
         out.mul_(gain)
         if bias is not None:
             out.add_(bias)
-        keep_y = save_output and ctx.needs_input_grad[5] and bool((magnitude != 0).all())
+        keep_y = save_output and ctx.needs_input_grad[5] and _all_nonzero(magnitude)
         ctx.save_for_backward(
             x, weight, bias, lora_a, lora_b, hidden, gain, norm, packed, out if keep_y else None
         )
@@ -309,7 +341,7 @@ class _DoRAScale(torch.autograd.Function):
         out = summed * gain
         if not ctx.needs_input_grad[1]:
             ctx.save_for_backward(gain, None, None, norm)
-        elif bool((magnitude != 0).all()):
+        elif _all_nonzero(magnitude):
             ctx.save_for_backward(gain, None, out, norm)
         else:
             ctx.save_for_backward(gain, summed, None, norm)

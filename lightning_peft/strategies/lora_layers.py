@@ -42,6 +42,7 @@ from lightning_peft.strategies.lora_autograd import (
     _FusedDoRALinear,
     _FusedLoRALinear,
     dropout_mask,
+    shared_dropout_mask,
 )
 from lightning_peft.strategies.quantized import dense_weight, dequantized_linear, quantized_kind
 from lightning_peft.strategies.targeting import inner_layer, is_conv1d
@@ -286,19 +287,30 @@ class _LoRABase(nn.Module):
         """
         with torch.no_grad():
             weight = weight.flatten(1)  # (out, in): the base weight as base_weight() gives it
-            stored = self.inner_layer().weight  # a quantized weight's dequantized copy is new each call
-            key = (id(stored), stored.data_ptr(), stored._version)
-            if getattr(self, "_weight_sq_key", None) != key:
-                self._weight_sq = weight.float().square().sum(dim=1)  # (out,)
-                self._weight_sq_key = key
+            weight_sq = self._weight_sq(weight)  # (out,)
             a = self.lora_A.flatten(1)  # (r, in)
             w_at = (weight @ a.to(weight.dtype).T).float()  # (out, r)
             a, b = a.float(), self.lora_B.flatten(1).float()  # b: (out, r)
             cross = (b * w_at).sum(dim=1)
             update = ((b @ (a @ a.T)) * b).sum(dim=1)
             s = self.scaling
-            squared = self._weight_sq + 2 * s * cross + s * s * update
+            squared = weight_sq + 2 * s * cross + s * s * update
             return squared.clamp_min(0).sqrt()  # (out,) float32
+
+    def _weight_sq(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||w_i||²`` per output row of the (out, in) ``weight``; eager mode caches it on the layer.
+
+        A compiled graph computes it each call (one fused reduction): the cache key (the stored
+        tensor's identity, address and version counter) and the attribute writes are not traceable.
+        """
+        if torch.compiler.is_compiling():
+            return weight.float().square().sum(dim=1)
+        stored = self.inner_layer().weight  # a quantized weight's dequantized copy is new each call
+        key = (id(stored), stored.data_ptr(), stored._version)
+        if getattr(self, "_weight_sq_key", None) != key:
+            self._weight_sq_cache = weight.float().square().sum(dim=1)
+            self._weight_sq_key = key
+        return self._weight_sq_cache
 
 
 class LoRALinear(_LoRABase):
@@ -313,9 +325,11 @@ class LoRALinear(_LoRABase):
         use_rslora: bool = False,
         use_dora: bool = False,
         init_lora_weights: InitLoRA = True,
+        share_dropout_mask: bool = False,
     ) -> None:
         super().__init__()
         self._setup(base_layer, r, lora_alpha, use_rslora, init_lora_weights)
+        self.share_dropout_mask = share_dropout_mask
         inner = inner_layer(base_layer)
         self.fan_in_fan_out = is_conv1d(inner)
         weight = base_layer.weight
@@ -328,7 +342,8 @@ class LoRALinear(_LoRABase):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **kwargs))
         _init_pair(self.lora_A, self.lora_B, init_lora_weights, r)
         # the rate lives on the module (peft's layout; export reads it there); the layer applies it
-        # itself (dropout_mask), keeping the mask as bits
+        # itself (dropout_mask), keeping the mask as bits; each layer draws its own unless
+        # share_dropout_mask (see LoRA)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         if use_dora:
             with torch.no_grad():
@@ -360,9 +375,11 @@ class LoRALinear(_LoRABase):
         return getattr(self.lora_dropout, "p", 0.0)
 
     def _dropout_mask(self, x: torch.Tensor, dtype: torch.dtype) -> DropoutMask | None:
-        if self.dropout_p > 0 and self.training:
-            return dropout_mask(x, self.dropout_p, self, dtype)
-        return None
+        if not (self.dropout_p > 0 and self.training):
+            return None
+        if self.share_dropout_mask:
+            return shared_dropout_mask(x, self.dropout_p, self, dtype)
+        return dropout_mask(x, self.dropout_p, dtype)
 
     def _fused_operands(self, base: nn.Module, x: torch.Tensor) -> tuple | None:
         """``(x, W, b, A, B)`` in one dtype when one fused autograd node can stand for the base and
@@ -383,7 +400,7 @@ class LoRALinear(_LoRABase):
         base = self.base_layer
         operands = self._fused_operands(base, x)
         if operands is not None:
-            mask = self._dropout_mask(x, operands[0].dtype)  # drawn for x itself: shared by its readers
+            mask = self._dropout_mask(x, operands[0].dtype)  # drawn for x itself (the layers' dtype)
             with _autocast_off(x):
                 return _FusedLoRALinear.apply(*operands, self.scaling, mask)
         # a quantized, hooked or stacked base, a Conv1D or mixed dtypes: the layers as they are

@@ -74,13 +74,20 @@ class FrozenSnapshot(Callback):
     """At the start of training (after the strategy ran) and at its end: copies every frozen tensor,
     and measures the loss on all the data in eval mode."""
 
+    @staticmethod
+    def tensors(pl_module) -> dict:
+        # not pl_module.state_dict(): during a run with PEFT it holds only what checkpoints store
+        return {**dict(pl_module.named_parameters()), **dict(pl_module.named_buffers())}
+
     def on_train_start(self, trainer, pl_module):
         trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-        self.before = {k: v.clone() for k, v in pl_module.state_dict().items() if k not in trainable}
+        self.before = {
+            k: v.detach().clone() for k, v in self.tensors(pl_module).items() if k not in trainable
+        }
         self.loss_before = self.eval_loss(pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        after = pl_module.state_dict()
+        after = self.tensors(pl_module)
         self.changed = [k for k, v in self.before.items() if not torch.equal(v, after[k])]
         self.loss_after = self.eval_loss(pl_module)
 

@@ -132,14 +132,21 @@ def test_every_checkpoint_holds_only_trainable_tensors(tmp_path, weights_only):
     module = Classifier()
     fit = trainer(tmp_path, [PEFT(LoRA(**LORA), module="model"), checkpoint], enable_checkpointing=True)
     fit.fit(module, data())
-    fit.save_checkpoint(tmp_path / "manual.ckpt", weights_only=weights_only)
-    files = sorted((tmp_path / "ckpt").glob("*.ckpt")) + [tmp_path / "manual.ckpt"]
-    assert len(files) == 3
+    files = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    if not weights_only:  # after the run only the callback hook acts, which Lightning skips for weights-only
+        fit.save_checkpoint(tmp_path / "manual.ckpt", weights_only=weights_only)
+        files.append(tmp_path / "manual.ckpt")
+    assert len(files) == 2 + (not weights_only)
     for path in files:
         saved = torch.load(path, weights_only=True)
         assert set(saved["state_dict"]) == {f"model.{i}.lora_{ab}" for i in (0, 2, 4) for ab in "AB"}
-        assert saved["lightning_peft"]["strategy"]["config"]["r"] == 2
-        assert saved["lightning_peft"]["trainable"]["model.0.lora_A"] == [2, 8]
+        # weights-only files carry the record in the state dict's metadata (read by load_from_checkpoint)
+        record = (
+            saved["state_dict"]._metadata[""]["lightning_peft"] if weights_only else saved["lightning_peft"]
+        )
+        assert record["strategy"]["config"]["r"] == 2
+        assert record["trainable"]["model.0.lora_A"] == [2, 8]
+    assert "model.0.base_layer.weight" in module.state_dict()  # after the run state_dict() is whole again
 
 
 def test_resume_from_adapter_only_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
@@ -276,3 +283,110 @@ def test_load_from_checkpoint_reports_a_truncated_file(tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_from_checkpoint(Classifier, tmp_path / "cut.ckpt")
+
+
+def _no_callback_inside(module: nn.Module) -> None:
+    """Nothing of a PEFT callback on ``module``: no method replaced on the instance, no module hook."""
+    for name in ("configure_model", "on_save_checkpoint", "on_load_checkpoint", "training_step"):
+        assert name not in module.__dict__, name
+    assert not module._state_dict_hooks and not module._load_state_dict_pre_hooks
+
+
+def test_a_second_trainer_with_another_peft_callback_acts_through_its_own_hooks(tmp_path):
+    module = Classifier()
+    trainer(tmp_path / "a", [PEFT(LoRA(**LORA), module="model")], max_epochs=1).fit(module, data())
+    _no_callback_inside(module)  # the first run left nothing behind
+    second = PEFT(LoRA(**LORA), module="model")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
+    fit = trainer(tmp_path / "b", [second, checkpoint], max_epochs=1, enable_checkpointing=True)
+    fit.fit(module, data())
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert set(saved) == {f"model.{i}.lora_{ab}" for i in (0, 2, 4) for ab in "AB"}
+    assert isinstance(module.model[0].base_layer, nn.Linear)  # adapted once, not twice
+    _no_callback_inside(module)
+
+
+class HookedClassifier(Classifier):
+    """A user's module with its own checkpoint and configure_model hooks."""
+
+    calls: list[str]
+
+    def configure_model(self) -> None:
+        self.__dict__.setdefault("calls", []).append("configure_model")
+        super().configure_model()
+
+    def on_save_checkpoint(self, checkpoint):
+        self.__dict__.setdefault("calls", []).append("on_save_checkpoint")
+        checkpoint["mine"] = 42
+
+    def on_load_checkpoint(self, checkpoint):
+        self.__dict__.setdefault("calls", []).append(f"on_load_checkpoint:{checkpoint.get('mine')}")
+
+
+@pytest.mark.parametrize("build_in", ["init", "configure_model"])
+def test_the_modules_own_hooks_still_run(tmp_path, build_in):
+    module = HookedClassifier(build_in)
+    calls = module.__dict__.setdefault("calls", [])
+
+    def save_on_the_instance(checkpoint):  # set on the instance, as other code may do: not replaced
+        calls.append("instance on_save_checkpoint")
+        checkpoint["mine"] = 43
+
+    module.on_save_checkpoint = save_on_the_instance
+    fit = trainer(tmp_path, [PEFT(LoRA(**LORA), module="model")], max_epochs=1)
+    fit.fit(module, data())
+    fit.save_checkpoint(tmp_path / "a.ckpt")
+    assert calls == ["configure_model", "instance on_save_checkpoint"]
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True)["mine"] == 43
+    resumed = HookedClassifier(build_in)
+    trainer(tmp_path, [PEFT(LoRA(**LORA), module="model")], max_epochs=2).fit(
+        resumed, data(), ckpt_path=tmp_path / "a.ckpt"
+    )
+    assert resumed.calls[:2] == ["configure_model", "on_load_checkpoint:43"]
+    assert isinstance(resumed.model[0], LoRALinear)
+
+
+def test_a_deep_copy_after_fit_carries_no_callback(tmp_path):
+    import copy
+
+    module = Classifier()
+    trainer(tmp_path, [PEFT(LoRA(**LORA), module="model")], max_epochs=1).fit(module, data())
+    twin = copy.deepcopy(module)
+    _no_callback_inside(twin)
+    assert "model.0.base_layer.weight" in twin.state_dict()
+
+
+class CopyDuringFit(L.Callback):
+    """What an EMA or SWA callback does: a deep copy of the module during training."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.copy = __import__("copy").deepcopy(pl_module)
+
+
+def test_a_deep_copy_during_fit_shares_the_hooks_and_keeps_a_whole_state_dict(tmp_path):
+    copier = CopyDuringFit()
+    callback = PEFT(LoRA(**LORA), module="model")
+    module = Classifier()
+    trainer(tmp_path, [callback, copier], max_epochs=1).fit(module, data())
+    hooks = list(copier.copy._state_dict_hooks.values())
+    assert hooks and all(hook.callback is callback for hook in hooks)  # shared, not copies of the callback
+    assert "model.0.base_layer.weight" in copier.copy.state_dict()  # the copy is not pruned
+
+
+class FilledAfterAssignment(Classifier):
+    """Assigns an empty container in configure_model and fills it afterwards."""
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "model"):
+            self.model = nn.Sequential()
+            self.model.append(nn.Linear(8, 2))
+
+
+def test_a_model_that_gets_its_parameters_after_assignment_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"found the model only after configure_optimizers.*build the model, then"
+    ):
+        trainer(tmp_path, [PEFT(LoRA(**LORA), module="model")], max_epochs=1).fit(
+            FilledAfterAssignment("configure_model"), data()
+        )

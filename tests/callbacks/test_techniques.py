@@ -341,3 +341,37 @@ def test_every_bad_argument_is_reported_in_one_error(build, problems):
         build()
     for problem in problems:
         assert f"{problem} must" in str(error.value)
+
+
+class IteratorNet(Net):
+    """A user's module whose ``training_step`` takes Lightning's ``dataloader_iter`` flavour."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[str] = []
+
+    def training_step(self, dataloader_iter):
+        self.received.append(type(dataloader_iter).__name__)
+        batch, _, _ = next(dataloader_iter)
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
+@pytest.mark.parametrize("technique", ["regularization", "distillation", "both"])
+def test_a_dataloader_iter_training_step_still_gets_the_iterator_under_loss_terms(tmp_path, technique):
+    module = IteratorNet()
+    callbacks = {
+        "regularization": [AdapterRegularization(l2=0.1)],
+        "distillation": [
+            PEFT(LoRA(r=2, target_modules=["0", "2"]), module="model"),
+            Distillation(module="model"),
+        ],
+        "both": [
+            PEFT(LoRA(r=2, target_modules=["0", "2"]), module="model"),
+            Distillation(module="model"),
+            AdapterRegularization(l2=0.1),
+        ],
+    }[technique]
+    fit(tmp_path, module, vectors(n=16), callbacks)
+    assert module.received and all(name != "list" for name in module.received)
+    assert set(module.received) == {"_DataFetcherWrapper"}

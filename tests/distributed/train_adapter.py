@@ -203,18 +203,30 @@ def make_strategy(name: str) -> str | FSDPStrategy:
     raise ValueError(f"--strategy must be one of {STRATEGIES}, got {name!r}")
 
 
+class SaveWeightsOnlyAtTrainEnd(L.Callback):
+    """A weights-only save while the run lasts: Lightning skips callback hooks for it, so the PEFT
+    callback's state-dict hook (removed at teardown) is what prunes it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path, weights_only=True)  # collective under FSDP
+
+
 def fit(
     strategy: str, devices: int, max_epochs: int, out: Path, ckpt_path: str | None, build_in: str
 ) -> None:
     """Train a fresh module (resuming from ``ckpt_path`` if given) and write the results to ``out``."""
     accelerator = "cuda" if strategy.endswith("-cuda") else "cpu"
     checkpoints = ModelCheckpoint(dirpath=out / "ckpts", filename="{epoch}", save_top_k=-1)
+    weights_only = SaveWeightsOnlyAtTrainEnd(out / "final_weights_only.ckpt")
     trainer = L.Trainer(
         strategy=make_strategy(strategy),
         accelerator=accelerator,
         devices=devices,
         max_epochs=max_epochs,
-        callbacks=[PEFT(LoRA(**LORA), module="model", verbose=False), checkpoints],
+        callbacks=[PEFT(LoRA(**LORA), module="model", verbose=False), checkpoints, weights_only],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -229,8 +241,6 @@ def fit(
 
     final_ckpt = out / "final.ckpt"
     trainer.save_checkpoint(final_ckpt)  # collective under FSDP: every rank calls it
-    # weights-only saves skip the callbacks' on_save_checkpoint; the module's hook prunes them too
-    trainer.save_checkpoint(out / "final_weights_only.ckpt", weights_only=True)
     state = trainer.strategy.lightning_module_state_dict()  # gathered whole on rank 0 under FSDP
     rank = trainer.global_rank
     torch.save(

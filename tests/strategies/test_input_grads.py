@@ -137,13 +137,16 @@ def test_every_method_gets_its_gradients_under_reentrant_checkpointing(strategy,
         torch.testing.assert_close(grad, plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["per-layer-masks", "shared-masks"])
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_dropout_masks_are_redrawn_alike_when_checkpointing_recomputes(
-    use_reentrant: bool, ids: torch.Tensor
+    use_reentrant: bool, share: bool, ids: torch.Tensor
 ) -> None:
-    # checkpointing reruns each block's forward in backward with the RNG state restored: the shared
-    # masks (q, k, v; gate, up) must come out as in the first forward, or the gradients would differ
-    model = LoRA(r=4, lora_dropout=0.3, init_lora_weights=False).apply(tiny_llama()).train()
+    # checkpointing reruns each block's forward in backward with the RNG state restored: every
+    # layer's mask (or, shared, the one of q, k, v and of gate, up) must come out as in the first
+    # forward, or the gradients would differ
+    strategy = LoRA(r=4, lora_dropout=0.3, init_lora_weights=False, share_dropout_mask=share)
+    model = strategy.apply(tiny_llama()).train()
     torch.manual_seed(11)
     plain = _adapter_grads(model, ids)
     enable_checkpointing(model, use_reentrant=use_reentrant)

@@ -16,7 +16,13 @@ from torch import nn
 
 from lightning_peft.planning import saved_activation_bytes
 from lightning_peft.strategies import LoRA, LoRALinear
-from lightning_peft.strategies.lora_autograd import _pack_bits, _unpack_bits, dropout_mask, keep_mask
+from lightning_peft.strategies.lora_autograd import (
+    _pack_bits,
+    _unpack_bits,
+    dropout_mask,
+    keep_mask,
+    shared_dropout_mask,
+)
 
 IN, OUT, RANK, ALPHA = 16, 12, 4, 8.0
 SCALE = ALPHA / RANK
@@ -110,6 +116,29 @@ def test_keep_mask_drops_p_of_the_elements_uniformly() -> None:
     assert torch.equal(keep_mask((4, 250_000), 0.05)[0], keep)
 
 
+@pytest.mark.parametrize("p", [1 - 2**-17, 1 - 2**-20], ids=["half-a-step-below-1", "closer-to-1"])
+def test_dropout_just_below_one_keeps_one_in_65536_and_stays_finite(p: float) -> None:
+    # p rounds to 65536/65536 there: the mask keeps the smallest step instead (keep_p = 2**-16)
+    assert keep_mask((8,), p)[1] == 2**-16
+    layer = _layer(lora_dropout=p).train()
+    x = _input()
+    out = layer(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(layer.lora_A.grad).all()
+
+
+def test_shared_masks_refuse_torch_compile_with_a_clear_error() -> None:
+    model = _two_readers(0.5, share=True)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="share_dropout_mask=True works in eager mode only"):
+        compiled(_input())
+
+
+def test_share_dropout_mask_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="share_dropout_mask must be True or False, got 'yes'"):
+        LoRA(share_dropout_mask="yes")
+
+
 def test_dropout_mask_drops_about_p_and_scales_the_rest() -> None:
     layer = _layer(lora_dropout=0.25).train()
     with torch.no_grad():  # A = identity-like probe: the hidden reads x through the mask
@@ -145,17 +174,88 @@ class _TwoReaders(nn.Module):
         return self.q(x) + self.k(x)
 
 
-def _two_readers(p: float) -> nn.Module:
+def _two_readers(p: float, share: bool = False) -> nn.Module:
     torch.manual_seed(0)
     strategy = LoRA(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=p, target_modules=["q", "k"], init_lora_weights=False
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=p,
+        target_modules=["q", "k"],
+        init_lora_weights=False,
+        share_dropout_mask=share,
     )
     return strategy.apply(_TwoReaders()).train()
 
 
+def _keep_patterns(model: nn.Module, p: float, rows: int = 40_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows of one tensor q's and k's dropout kept in their first input column (bool, rows)."""
+    for layer in (model.q, model.k):
+        with torch.no_grad():  # the update reads x[:, 0] through the mask, scaled back to 1
+            layer.lora_A.zero_()
+            layer.lora_A[0, 0] = 1.0
+            layer.lora_B.zero_()
+            layer.lora_B[0, 0] = (1 - p) / SCALE
+    x = torch.ones(rows, IN)
+    kept = [(layer(x) - layer.base_layer(x))[:, 0].detach() > 0.5 for layer in (model.q, model.k)]
+    return kept[0], kept[1]
+
+
 @pytest.mark.parametrize("path", ["fused", "unfused"])
-def test_layers_reading_one_tensor_share_one_mask_drawn_and_kept_once(path: str) -> None:
+def test_layers_reading_one_tensor_draw_independent_masks_by_default(path: str) -> None:
+    # peft's (and torchtune's, LitGPT's) dropout: one mask per layer, so q and k keep an element
+    # together with probability (1 - p)^2, not 1 - p as one shared mask would
+    p = 0.25
+    model = _two_readers(p)
+    if path == "unfused":
+        for layer in (model.q, model.k):
+            layer.base_layer.register_forward_hook(lambda *args: None)
+    torch.manual_seed(0)
+    q_kept, k_kept = _keep_patterns(model, p)  # 40k rows: standard errors about 0.0025
+    assert abs(q_kept.float().mean().item() - (1 - p)) < 0.015
+    assert abs(k_kept.float().mean().item() - (1 - p)) < 0.015
+    assert abs((q_kept & k_kept).float().mean().item() - (1 - p) ** 2) < 0.015
+    assert abs((~q_kept & ~k_kept).float().mean().item() - p**2) < 0.015
+    correlation = torch.corrcoef(torch.stack([q_kept.float(), k_kept.float()]))[0, 1]
+    assert abs(correlation.item()) < 0.03
+
+
+def test_layers_reading_one_tensor_share_its_mask_when_asked() -> None:
+    p = 0.25
+    model = _two_readers(p, share=True)
+    torch.manual_seed(0)
+    q_kept, k_kept = _keep_patterns(model, p)
+    assert abs(q_kept.float().mean().item() - (1 - p)) < 0.015
+    assert torch.equal(q_kept, k_kept)
+
+
+@pytest.mark.parametrize("path", ["fused", "unfused"])
+def test_default_masks_are_one_draw_per_layer_in_call_order_each_kept_as_bits(path: str) -> None:
     model = _two_readers(0.3)
+    if path == "unfused":
+        for layer in (model.q, model.k):
+            layer.base_layer.register_forward_hook(lambda *args: None)
+    x = _input()
+    adapters = (model.q.lora_A, model.q.lora_B, model.k.lora_A, model.k.lora_B)
+    torch.manual_seed(7)
+    got = model(x)
+    got_grads = _grads(got, x, *adapters)
+    torch.manual_seed(7)
+    masks = [keep_mask(x.shape, 0.3) for _ in range(2)]  # q's draw, then k's
+    expected = sum(
+        F.linear(x, m.base_layer.weight, m.base_layer.bias)
+        + SCALE * F.linear(F.linear(x * keep / keep_p, m.lora_A), m.lora_B)
+        for m, (keep, keep_p) in zip((model.q, model.k), masks, strict=True)
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got_grads, _grads(expected, x, *adapters), strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    # backward keeps each layer's mask as bits: 240 elements, 30 bytes per layer
+    assert _saved_bytes(model, x) - _saved_bytes(_two_readers(0.0), x) == 2 * x.numel() // 8
+
+
+@pytest.mark.parametrize("path", ["fused", "unfused"])
+def test_shared_masks_are_drawn_and_kept_once_for_the_layers_reading_one_tensor(path: str) -> None:
+    model = _two_readers(0.3, share=True)
     if path == "unfused":
         for layer in (model.q, model.k):
             layer.base_layer.register_forward_hook(lambda *args: None)
@@ -176,24 +276,26 @@ def test_layers_reading_one_tensor_share_one_mask_drawn_and_kept_once(path: str)
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
     # backward keeps the mask's bits once, whichever layers read x: 240 elements, 30 bytes
     with_dropout = _saved_bytes(model, x)
-    assert with_dropout - _saved_bytes(_two_readers(0.0), x) == x.numel() // 8
+    assert with_dropout - _saved_bytes(_two_readers(0.0, share=True), x) == x.numel() // 8
 
 
 def test_a_mask_is_shared_only_for_the_same_unchanged_tensor_and_p_and_once_per_layer() -> None:
     q, k = object(), object()
     x = _input(requires_grad=False)
-    first = dropout_mask(x, 0.5, q)
-    assert dropout_mask(x, 0.5, k).packed is first.packed  # another reader: the same draw
-    again = dropout_mask(x, 0.5, q)  # q reads x a second time (a second forward): a new draw
+    first = shared_dropout_mask(x, 0.5, q)
+    assert shared_dropout_mask(x, 0.5, k).packed is first.packed  # another reader: the same draw
+    again = shared_dropout_mask(x, 0.5, q)  # q reads x a second time (a second forward): a new draw
     assert not torch.equal(again.packed, first.packed)
-    assert dropout_mask(x, 0.5, k).packed is again.packed  # and k follows q's second forward
-    assert dropout_mask(x, 0.25, k).packed is not again.packed  # another p
-    changed = dropout_mask(x, 0.25, q).packed
+    assert shared_dropout_mask(x, 0.5, k).packed is again.packed  # and k follows q's second forward
+    assert shared_dropout_mask(x, 0.25, k).packed is not again.packed  # another p
+    changed = shared_dropout_mask(x, 0.25, q).packed
     x.mul_(1.0)  # changed in place since the draw
-    assert dropout_mask(x, 0.25, k).packed is not changed
-    assert dropout_mask(x.clone(), 0.25, k).packed is not changed  # an equal but other tensor
-    # the float mask agrees with the bits and keeps about 1 - p
-    mask = dropout_mask(torch.zeros(1000, 64), 0.25, q)
+    assert shared_dropout_mask(x, 0.25, k).packed is not changed
+    assert shared_dropout_mask(x.clone(), 0.25, k).packed is not changed  # an equal but other tensor
+
+
+def test_a_dropout_mask_agrees_with_its_bits_and_keeps_about_one_minus_p() -> None:
+    mask = dropout_mask(torch.zeros(1000, 64), 0.25)
     assert torch.equal(mask.keep, _unpack_bits(mask.packed, mask.keep.shape, torch.float32))
     assert abs(mask.keep.mean().item() - 0.75) < 0.01 and set(mask.keep.unique().tolist()) == {0.0, 1.0}
 
@@ -201,7 +303,7 @@ def test_a_mask_is_shared_only_for_the_same_unchanged_tensor_and_p_and_once_per_
 def test_shared_draws_leave_the_tensors_alone_and_go_with_them(tmp_path) -> None:
     from lightning_peft.strategies import lora_autograd
 
-    model = _two_readers(0.5)
+    model = _two_readers(0.5, share=True)
     before = len(lora_autograd._DRAWS)
     x = _input(requires_grad=False)
     model(x).sum()
@@ -215,9 +317,9 @@ def test_shared_draws_leave_the_tensors_alone_and_go_with_them(tmp_path) -> None
     assert len(lora_autograd._DRAWS) == before  # the draw went with its tensor
 
 
-def test_dropout_in_train_mode_under_inference_mode_draws_per_layer() -> None:
+def test_shared_dropout_under_inference_mode_draws_per_layer() -> None:
     # inference tensors have no version counter, so nothing is shared; the layers still drop
-    model = _two_readers(0.5)
+    model = _two_readers(0.5, share=True)
     with torch.inference_mode():
         x = _input(requires_grad=False)
         torch.manual_seed(7)
@@ -232,9 +334,12 @@ def test_dropout_in_train_mode_under_inference_mode_draws_per_layer() -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_llama_draws_one_mask_per_input_tensor(ids: torch.Tensor) -> None:
-    # per block: q/k/v share the normed input, gate/up the normed residual; o and down read their own
-    model = LoRA(r=4, lora_dropout=0.1).apply(tiny_llama()).train()
+@pytest.mark.parametrize(("share", "per_block"), [(False, 7), (True, 4)], ids=["per-layer", "shared"])
+def test_llama_keeps_one_packed_mask_per_layer_or_per_input_tensor_when_shared(
+    share: bool, per_block: int, ids: torch.Tensor
+) -> None:
+    # shared, per block: q/k/v share the normed input, gate/up the normed residual; o and down their own
+    model = LoRA(r=4, lora_dropout=0.1, share_dropout_mask=share).apply(tiny_llama()).train()
     masks: set[int] = set()
 
     def keep_bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -244,7 +349,7 @@ def test_llama_draws_one_mask_per_input_tensor(ids: torch.Tensor) -> None:
 
     with torch.autograd.graph.saved_tensors_hooks(keep_bits, lambda t: t):
         model(ids)
-    assert len(masks) == 2 * 4
+    assert len(masks) == 2 * per_block
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 16), (7, 3)], ids=["multiple-of-8", "padded"])
