@@ -18,7 +18,8 @@ import contextvars
 import re
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import regex
 from torch import nn
@@ -81,7 +82,7 @@ def matches(name: str, spec: TargetSpec) -> bool:
 REGEX_TIMEOUT_S = 1.0  # per module name; a pattern that backtracks catastrophically would never end
 
 
-def _bounded(match, pattern: str, name: str):  # noqa: ANN001, ANN202
+def _bounded(match: Callable[..., Any], pattern: str, name: str) -> Any:
     """``match(pattern, name)`` with the ``regex`` package's time limit: a hostile config cannot hang."""
     try:
         return match(pattern, name, timeout=REGEX_TIMEOUT_S)
