@@ -151,9 +151,12 @@ def test_an_export_killed_between_the_two_renames_is_restored_by_the_next(tmp_pa
     (tmp_path / "out").rename(tmp_path / ".out.old-1234abcd")
     (tmp_path / ".out.partial-5678abcd").mkdir()
     (tmp_path / ".out.partial-5678abcd" / "adapter_config.json").write_text("{")
-    with pytest.warns(
-        UserWarning, match=r"restored .*out from \.out\.old-1234abcd; removed \.out\.partial-5678abcd"
-    ), pytest.raises(FileExistsError, match="exists already"):
+    with (
+        pytest.warns(
+            UserWarning, match=r"restored .*out from \.out\.old-1234abcd; removed \.out\.partial-5678abcd"
+        ),
+        pytest.raises(FileExistsError, match="exists already"),
+    ):
         export_adapter(lora().apply(tiny_llama()), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert read_safetensors(tmp_path / "out" / "adapter_model.safetensors")
