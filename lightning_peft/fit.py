@@ -7,7 +7,7 @@ Hydra's run folder: ``checkpoints/`` (adapter-only), ``adapter/`` (the exported 
 ``summary.md`` in the sweep folder, one row per job. Every file is written beside its final name and
 renamed when complete (checkpoints through :class:`~lightning_peft.checkpoint.AtomicCheckpointIO`).
 
-    lightning-peft fit ckpt_path=outputs/.../checkpoints/last.ckpt   # resume a run where it stopped
+    lightning-peft fit ckpt_path=outputs/<date>/<time>/checkpoints/<name>.ckpt   # resume a run where it stopped
 
 A run whose training loss becomes NaN or infinite stops with an error and exports nothing
 (``stop_on_non_finite_loss=false`` lets it go on).
