@@ -39,7 +39,7 @@ def verify_zip(path: str | Path) -> None:
             bad = archive.testzip()
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
         raise ValueError(
-            f"{path} is not a PyTorch checkpoint (not a readable zip archive: truncated, corrupt or another "
+            f"{path} is not a PyTorch checkpoint (not a readable zip archive: truncated or corrupt, or another "
             f"kind of file): {err}"
         ) from err
     if bad is not None:
