@@ -18,6 +18,8 @@ import torch
 from lightning_peft.checkpoint import AtomicCheckpointIO, verify_zip
 from lightning_peft.formats.files import read_safetensors
 
+pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
+
 HERE = Path(__file__).parent
 SHM = Path("/dev/shm")
 

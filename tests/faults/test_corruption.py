@@ -14,6 +14,8 @@ from lightning_peft import export_adapter, load_adapter, load_from_checkpoint
 from lightning_peft.checkpoint import AtomicCheckpointIO
 from lightning_peft.formats.files import CHECKSUM_KEY, read_safetensors
 
+pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
+
 
 def test_a_flipped_byte_in_a_checkpoint_tensor_is_refused_naming_the_file(tmp_path):
     path = tmp_path / "a.ckpt"

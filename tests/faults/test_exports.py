@@ -20,6 +20,8 @@ from lightning_peft import export_adapter
 from lightning_peft.cli import main as cli
 from lightning_peft.formats.files import read_safetensors
 
+pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
+
 HERE = Path(__file__).parent
 ENV = {
     **os.environ,

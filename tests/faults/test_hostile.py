@@ -13,6 +13,8 @@ import lightning_peft.strategies.targeting as targeting
 from lightning_peft import LoRA, export_adapter, load_adapter, load_from_checkpoint
 from lightning_peft.strategies.lora import LoRA as LoRAClass
 
+pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
+
 CATASTROPHIC = r"(.|\w)*layers"  # backtracks exponentially on every name with "layers" inside it
 
 

@@ -19,6 +19,8 @@ from lightning_peft.formats.files import json_text, read_safetensors
 from lightning_peft.plotting import render
 from lightning_peft.tasks import CausalLM
 
+pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
+
 NAN_TENSOR = "model.model.layers.0.self_attn.q_proj.lora_B"
 
 
