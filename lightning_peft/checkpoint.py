@@ -1,33 +1,60 @@
-"""Loading adapter-only Lightning checkpoints outside a Trainer.
+"""Loading adapter-only Lightning checkpoints outside a Trainer, and writing checkpoints safely.
 
 ``LightningModule.load_from_checkpoint`` runs no callbacks, so it never injects the adapters an
 adapter-only checkpoint was written for. :func:`load_from_checkpoint` rebuilds the module from its saved
 hyperparameters, applies the recorded strategy and loads the adapters after checking that they fit.
+
+Every checkpoint is checked before it is unpickled: it must be a zip archive (what ``torch.save``
+writes) whose CRCs all match, so one changed byte anywhere, optimizer state included, is an error that
+names the file. :class:`AtomicCheckpointIO` writes checkpoints beside their final name and renames
+them when complete (Lightning's own writer goes through ``$TMPDIR`` and copies across file systems).
 """
 
 from __future__ import annotations
 
 import inspect
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 from lightning_peft.callbacks.peft import _APPLIED_ATTR, CHECKPOINT_KEY, resolve_module
-from lightning_peft.strategies.base import strategy_from_config
 from lightning_peft.strategies.state import load_trainable_state_dict
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
 
 
+def verify_zip(path: str | Path) -> None:
+    """Raise ``ValueError`` unless ``path`` is a zip archive (``torch.save``'s format) whose every record
+    matches its CRC: ``torch.load`` itself reads corrupt records without noticing."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint (not a readable zip archive: truncated or corrupt, or another "
+            f"kind of file): {err}"
+        ) from err
+    if bad is not None:
+        raise ValueError(
+            f"{path} is corrupt: its record {bad!r} does not match its CRC (changed bytes on disk?)"
+        )
+
+
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
-    """``torch.load`` a Lightning checkpoint (tensors and plain data only unless ``weights_only=False``)."""
+    """``torch.load`` a Lightning checkpoint (tensors and plain data only unless ``weights_only=False``),
+    after :func:`verify_zip`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    verify_zip(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
@@ -47,6 +74,7 @@ def load_from_checkpoint(
     checkpoint_path: str | Path,
     map_location: Any = "cpu",
     weights_only: bool = True,
+    allow_non_finite: bool = False,
     **kwargs: Any,
 ) -> ModuleT:
     """Rebuild ``module_cls`` from an adapter-only checkpoint written with the ``PEFT`` callback.
@@ -54,22 +82,40 @@ def load_from_checkpoint(
     The module is constructed from the checkpoint's hyperparameters (overridden by ``kwargs``), its
     ``configure_model`` runs if it has one (``setup("predict")`` too when the model is built there), the saved strategy is applied, and the adapters are loaded.
     Base weights come from the module's own construction (e.g. ``from_pretrained``), never from the file.
-    Returned in eval mode.
+    Returned in eval mode. Tensors holding NaN or infinity are refused unless ``allow_non_finite``; the
+    recorded strategy's sizes are checked against the saved tensors before any layer is built.
 
     Example::
 
         model = load_from_checkpoint(MyModule, "epoch=1-step=20.ckpt")
     """
+    from lightning_peft.formats.checks import (
+        check_finite,
+        check_sizes,
+        checkpoint_entry,
+        strategy_from_record,
+    )
+
     checkpoint = read_checkpoint(checkpoint_path, map_location, weights_only)
-    meta = checkpoint.get(CHECKPOINT_KEY)
+    meta = checkpoint_entry(checkpoint, CHECKPOINT_KEY, str(checkpoint_path))
     if meta is None:  # weights-only checkpoints: the record is in the state dict's own metadata
-        meta = (getattr(checkpoint["state_dict"], "_metadata", None) or {}).get("", {}).get(CHECKPOINT_KEY)
+        meta = (
+            (getattr(checkpoint.get("state_dict"), "_metadata", None) or {}).get("", {}).get(CHECKPOINT_KEY)
+        )
     if meta is None:
         raise ValueError(
             f"{checkpoint_path} was not written with the PEFT callback (no {CHECKPOINT_KEY!r} entry); "
             f"use {module_cls.__name__}.load_from_checkpoint for full checkpoints"
         )
-    hparams = {**(checkpoint.get("hyper_parameters") or {}), **kwargs}
+    strategy = strategy_from_record(meta["strategy"], str(checkpoint_path), f"{CHECKPOINT_KEY}['strategy']")
+    check_sizes(strategy, checkpoint["state_dict"], str(checkpoint_path))
+    check_finite(checkpoint["state_dict"], str(checkpoint_path), allow_non_finite)
+    saved_hparams = checkpoint.get("hyper_parameters") or {}
+    if not isinstance(saved_hparams, dict):
+        raise ValueError(
+            f"{checkpoint_path}: 'hyper_parameters' must be a dict, got {type(saved_hparams).__name__}"
+        )
+    hparams = {**saved_hparams, **kwargs}
     parameters = inspect.signature(module_cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         hparams = {k: v for k, v in hparams.items() if k in parameters}
@@ -84,9 +130,46 @@ def load_from_checkpoint(
         raise ValueError(
             f"{module_cls.__name__} has no submodule {meta.get('module')!r} to load the adapters into"
         )
-    strategy = strategy_from_config(meta["strategy"])
     strategy.apply(target)
     object.__setattr__(target, _APPLIED_ATTR, strategy.to_config())
     module.strict_loading = False
     load_trainable_state_dict(module, checkpoint["state_dict"], source=str(checkpoint_path))
     return module.eval()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, writing each checkpoint beside its final name (flushed to disk,
+    then renamed) and checking a checkpoint's CRCs before loading it.
+
+    Lightning's default writes into ``$TMPDIR`` and moves the file: across file systems that move is a
+    copy, and a crash during it leaves a truncated checkpoint under the final name. ``lightning-peft
+    fit`` installs this plugin; pass it yourself elsewhere (local paths only).
+
+    Example::
+
+        trainer = L.Trainer(plugins=[AtomicCheckpointIO()], callbacks=[PEFT(LoRA(r=8), module="model")])
+    """
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        from lightning_peft.formats.files import atomic_file
+
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}"
+            )
+        with atomic_file(path, "wb") as file:
+            torch.save(checkpoint, file)
+
+    @override
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if Path(path).is_file():
+            verify_zip(path)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)

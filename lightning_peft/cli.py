@@ -55,7 +55,8 @@ With --merged --base MODEL_DIR: a full transformers model folder (save_pretraine
 and IA3 folded into the weights of the model in MODEL_DIR; its tokenizer files are copied along.
 
 OUT is written next to its final place and renamed when complete; an existing OUT is refused
-unless --overwrite.
+unless --overwrite, which replaces only an earlier export. A second export to the same OUT while
+one runs fails at once. Tensors holding NaN or infinity are refused unless --allow-non-finite.
 """
 
 
@@ -88,7 +89,16 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="attribute path of the Hugging Face model inside a whole adapted LightningModule (PEFT(module=None))",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an earlier export (a folder holding other files is refused)",
+    )
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="export tensors that hold NaN or infinity (refused by default, for forensics only)",
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -110,7 +120,12 @@ def _run_export(args: argparse.Namespace) -> int:
 
     if args.merged:
         result = export_merged(
-            args.checkpoint, args.out, base=args.base, overwrite=args.overwrite, progress=_progress
+            args.checkpoint,
+            args.out,
+            base=args.base,
+            overwrite=args.overwrite,
+            progress=_progress,
+            allow_non_finite=args.allow_non_finite,
         )
     else:
         result = export_adapter(
@@ -123,6 +138,7 @@ def _run_export(args: argparse.Namespace) -> int:
             root=args.root,
             overwrite=args.overwrite,
             progress=_progress,
+            allow_non_finite=args.allow_non_finite,
         )
     print(f"wrote {result.format} export to {result.path} ({result.tensors} tensors)")
     if result.note:

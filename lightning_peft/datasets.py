@@ -1,7 +1,9 @@
 """Small data modules for the ``lightning-peft fit`` entry point: a shipped CSV and generated sequences.
 
 Nothing is downloaded: the intent set ships inside the package (``lightning_peft/data/``) and the
-sequence task is generated from a seed.
+sequence task is generated from a seed. Training loaders are :class:`~lightning_peft.loaders.ResumableDataLoader`
+with a seeded order, so a run resumed from a mid-epoch checkpoint sees the same batches as one that was
+never interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_peft.augment import TokenAugmentation
+from lightning_peft.loaders import ResumableDataLoader, SeededSampler
 from lightning_peft.strategies.targeting import validation_error
 from lightning_peft.templates import ALPACA, InstructionCollator, PromptTemplate
 
@@ -28,6 +31,7 @@ class TextClassificationData(L.LightningDataModule):
         path: the CSV; None is the shipped 240-request support-intent set (4 classes).
         tokenizer: a local tokenizer folder; None is the shipped MiniLM's.
         labels: class names in index order; None takes them sorted from the file.
+        seed: decides the order of the training examples in each epoch.
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class TextClassificationData(L.LightningDataModule):
         labels: list[str] | None = None,
         batch_size: int = 16,
         max_length: int = 64,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.path = Path(path) if path else SHIPPED_CSV
@@ -46,6 +51,7 @@ class TextClassificationData(L.LightningDataModule):
         self.labels = list(labels) if labels else None
         self.batch_size = batch_size
         self.max_length = max_length
+        self.seed = seed
 
     def setup(self, stage: str) -> None:
         from transformers import AutoTokenizer
@@ -81,8 +87,12 @@ class TextClassificationData(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.splits["train"], batch_size=self.batch_size, shuffle=True, collate_fn=self._collate
+        train = self.splits["train"]
+        return ResumableDataLoader(
+            train,
+            batch_size=self.batch_size,
+            sampler=SeededSampler(len(train), self.seed),
+            collate_fn=self._collate,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -126,7 +136,11 @@ class SequenceData(L.LightningDataModule):
         self.val = self._make(self.hparams.val_size, self.hparams.seed + 1)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train, batch_size=self.hparams.batch_size, shuffle=True)
+        return ResumableDataLoader(
+            self.train,
+            batch_size=self.hparams.batch_size,
+            sampler=SeededSampler(len(self.train), self.hparams.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=self.hparams.batch_size)
@@ -155,7 +169,10 @@ class MultiTaskSequenceData(SequenceData):
         from lightning_peft.mixing import MultiTaskLoader
 
         loaders = {
-            t: DataLoader(d, batch_size=self.hparams.batch_size, shuffle=True) for t, d in self.train.items()
+            t: ResumableDataLoader(
+                d, batch_size=self.hparams.batch_size, sampler=SeededSampler(len(d), self.hparams.seed + k)
+            )
+            for k, (t, d) in enumerate(self.train.items())
         }
         return MultiTaskLoader(
             loaders, sampling=self.sampling, temperature=self.temperature, seed=self.hparams.seed
@@ -309,8 +326,11 @@ class InstructionData(L.LightningDataModule):
         return batch if self.augmentation is None else self.augmentation(batch)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train, batch_size=self.batch_size, shuffle=True, collate_fn=self._train_collate
+        return ResumableDataLoader(
+            self.train,
+            batch_size=self.batch_size,
+            sampler=SeededSampler(len(self.train), self.seed),
+            collate_fn=self._train_collate,
         )
 
     def val_dataloader(self) -> DataLoader:

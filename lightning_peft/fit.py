@@ -4,7 +4,13 @@ Everything comes from ``conf/`` (shipped as ``lightning_peft/conf``): ``model``,
 ``trainer``, ``callbacks``, ``schedule``, ``experiment``, ``hparams_search``. Each run writes, under
 Hydra's run folder: ``checkpoints/`` (adapter-only), ``adapter/`` (the exported adapter),
 ``metrics.json`` (final metrics) and Lightning's CSV logs. A sweep also writes ``summary.csv`` and
-``summary.md`` in the sweep folder, one row per job.
+``summary.md`` in the sweep folder, one row per job. Every file is written beside its final name and
+renamed when complete (checkpoints through :class:`~lightning_peft.checkpoint.AtomicCheckpointIO`).
+
+    lightning-peft fit ckpt_path=outputs/<date>/<time>/checkpoints/<name>.ckpt   # resume a run where it stopped
+
+A run whose training loss becomes NaN or infinite stops with an error and exports nothing
+(``stop_on_non_finite_loss=false`` lets it go on).
 
     lightning-peft fit                                  # LoRA on the shipped MiniLM and intent set
     lightning-peft fit peft=ia3 trainer.max_epochs=1
@@ -17,7 +23,7 @@ dropped with a warning, so the grid runs; write it with ``++`` so that Hydra acc
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import os
 from pathlib import Path
@@ -38,7 +44,13 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
     from lightning_peft import PEFT
 
     strategy = instantiate(_known_fields(cfg.peft), _convert_="all")
-    callbacks = [PEFT(strategy, module=cfg.get("peft_module"))]
+    callbacks = [
+        PEFT(
+            strategy,
+            module=cfg.get("peft_module"),
+            stop_on_non_finite_loss=cfg.get("stop_on_non_finite_loss", True),
+        )
+    ]
     for group in ("callbacks", "schedule"):
         node = cfg.get(group) or {}
         # a group holds one callback (a node with _target_) or several keyed by name
@@ -73,6 +85,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    from lightning_peft.checkpoint import AtomicCheckpointIO
+    from lightning_peft.formats.files import json_text, write_text
 
     out = (
         Path(HydraConfig.get().runtime.output_dir)
@@ -84,14 +100,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = build_callbacks(cfg)
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.model, _convert_="all")
+    # checkpoints are written beside their final name, never moved in from $TMPDIR (see AtomicCheckpointIO)
+    plugins = list(instantiate(cfg.trainer.get("plugins") or [], _convert_="all"))
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=CSVLogger(out, name="logs"),
         default_root_dir=out,
+        plugins=plugins,
         _convert_="all",
     )
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["global_step"] = trainer.global_step
@@ -118,7 +139,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("export_merged"):
             record["merged"] = _export_merged(module, out / "merged", tokenizer)
         metrics_file = out / "metrics.json"
-        metrics_file.write_text(json.dumps(record, indent=2) + "\n")
+        write_text(metrics_file, json_text(record, indent=2) + "\n")  # NaN -> null: valid JSON
         log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         log.info("wrote %s, %s and %s", final, out / "adapter", metrics_file)
         # training curves next to metrics.json, drawn from Lightning's CSV log
@@ -161,6 +182,10 @@ class SweepSummary(HydraCallback):
     """Hydra callback: after a ``-m`` sweep, one table of every job's overrides and final metrics."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        import json
+
+        from lightning_peft.formats.files import write_text
+
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = []
         for metrics_file in sorted(
@@ -178,13 +203,14 @@ class SweepSummary(HydraCallback):
             log.warning("no job of the sweep in %s wrote metrics.json", sweep_dir)
             return
         columns = list(dict.fromkeys(k for row in rows for k in row))
-        with (sweep_dir / "summary.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(sweep_dir / "summary.csv", table.getvalue())
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-        (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+        write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
         print("\n".join(lines))
         print(f"sweep summary: {sweep_dir / 'summary.csv'}")
 

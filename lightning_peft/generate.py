@@ -36,6 +36,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from lightning_peft.callbacks.peft import _APPLIED_ATTR
 from lightning_peft.formats.adapter import load_adapter
+from lightning_peft.formats.checks import check_finite
 from lightning_peft.formats.files import TOKENIZER_FILES, read_json, write_text_staged
 from lightning_peft.formats.source import source_from_checkpoint
 from lightning_peft.generation_controls import (
@@ -141,6 +142,7 @@ def _tokenizer_folder(tokenizer: str | Path | None, adapter: str | Path | None, 
 
 def _load_checkpoint(model: nn.Module, path: str | Path) -> None:
     source = source_from_checkpoint(path)
+    check_finite(source.tensors, str(path))  # NaN weights would generate empty text without an error
     try:
         source.strategy.apply(model)
         load_trainable_state_dict(model, source.tensors, source=str(path))

@@ -11,6 +11,7 @@ benchmark chart. Text uses a built-in 3 x 5 pixel font (digits, capitals, a few 
 from __future__ import annotations
 
 import csv
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -53,7 +54,8 @@ def encode_png(pixels: list[bytearray], width: int, height: int) -> bytes:
 
 def render(series: dict[str, list[float]], width: int = 480, height: int = 320) -> bytes:
     """PNG bytes plotting each series against its own index, stretched to the full width, with a
-    legend (colour box, name, first -> last value) at the top left."""
+    legend (colour box, name, first -> last value) at the top left. NaN and infinite values leave a gap
+    in their line (and read ``NAN`` / ``INF`` in the legend)."""
     canvas = _Canvas(width, height)
 
     def line(x0: int, y0: int, x1: int, y1: int, color: tuple[int, int, int]) -> None:
@@ -69,17 +71,21 @@ def render(series: dict[str, list[float]], width: int = 480, height: int = 320) 
         color = COLORS[name]
         canvas.rect(left + 8, top + 4 + 14 * k, left + 16, top + 12 + 14 * k, color)  # legend box
         canvas.text(left + 22, top + 3 + 14 * k, f"{name} {values[0]:.3g} - {values[-1]:.3g}", AXIS)
-        lo, hi = min(values), max(values)
+        finite = [v for v in values if math.isfinite(v)]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
         span = (hi - lo) or 1.0
         points = [
             (
                 left + round((right - left) * i / max(len(values) - 1, 1)),
                 bottom - round((bottom - top) * (v - lo) / span),
             )
+            if math.isfinite(v)
+            else None
             for i, v in enumerate(values)
         ]
-        for (x0, y0), (x1, y1) in zip(points, points[1:] or points, strict=False):
-            line(x0, y0, x1, y1, color)
+        for start, end in zip(points, points[1:] or points, strict=False):
+            if start is not None and end is not None:  # a diverged value breaks the line
+                line(*start, *end, color)
     return canvas.png()
 
 
@@ -90,8 +96,9 @@ def write_curves(metrics_csv: Path, png: Path) -> Path:
 
         write_curves(run / "logs/version_0/metrics.csv", run / "curves.png")
     """
-    Path(png).write_bytes(render(read_series(metrics_csv)))
-    return Path(png)
+    from lightning_peft.formats.files import write_bytes
+
+    return write_bytes(png, render(read_series(metrics_csv)))
 
 
 # A 3 x 5 pixel font (drawn at twice its size) for chart labels: digits, capitals, a few signs.

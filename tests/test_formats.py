@@ -166,7 +166,7 @@ def test_exported_tensors_and_config_use_peft_names(tmp_path):
     )
     export_adapter(tmp_path / "a.ckpt", tmp_path / "out", base_model_name_or_path="org/tiny-llama")
     with safe_open(tmp_path / "out" / "adapter_model.safetensors", "pt") as file:
-        assert file.metadata() == {"format": "pt"}
+        assert file.metadata()["format"] == "pt"  # and our checksum, which peft ignores
         keys = set(file.keys())
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight" in keys
@@ -507,8 +507,7 @@ def test_merged_export_refuses_methods_that_cannot_merge(strategy, tmp_path):
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
     model = LoRA(r=2, target_modules=["q_proj"]).apply(tiny_llama())
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.txt").write_text("x")
+    export_adapter(model, tmp_path / "out", format="lightning_peft")
     with pytest.raises(FileExistsError, match="exists already; pass overwrite=True"):
         export_adapter(model, tmp_path / "out")
     export_adapter(model, tmp_path / "out", overwrite=True)
@@ -534,7 +533,7 @@ def test_truncated_files_give_a_clear_value_error(tmp_path):
     export_adapter(tmp_path / "a.ckpt", tmp_path / "out")
     data = (tmp_path / "a.ckpt").read_bytes()
     (tmp_path / "a.ckpt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(ValueError, match="a.ckpt is not a PyTorch checkpoint .*truncated or corrupt"):
         export_adapter(tmp_path / "a.ckpt", tmp_path / "again")
     weights = tmp_path / "out" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])

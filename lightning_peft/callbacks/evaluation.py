@@ -186,9 +186,13 @@ class Evaluation(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
             name = self.samples_file if not prefix else f"base_{self.samples_file}"
-            with (folder / name).open("a") as f:
-                for sample in samples:
-                    f.write(json.dumps({"epoch": trainer.current_epoch, **sample}) + "\n")
+            from lightning_peft.formats.files import write_text
+
+            # appended by rewriting the whole file beside it and renaming: a crash never leaves half a line
+            path = folder / name
+            before = path.read_text(encoding="utf-8") if path.is_file() else ""
+            lines = "".join(json.dumps({"epoch": trainer.current_epoch, **s}) + "\n" for s in samples)
+            write_text(path, before + lines)
         shown = "\n".join(f"  {s['prompt']!r} -> {s['generated']!r}" for s in samples[: self.num_samples])
         rank_zero_info(
             f"Evaluation ({prefix or 'adapted'}): rougeL={float(rouge):.3f} bleu={float(bleu):.3f}\n{shown}"

@@ -79,6 +79,9 @@ class PEFT(Callback):
         save_rng_state: store torch's random number generator states in checkpoints and restore them
             on resume, so that runs with dropout resume exactly (single process; under DDP every rank
             gets rank 0's state back).
+        stop_on_non_finite_loss: raise ``FloatingPointError`` as soon as a training loss is NaN or
+            infinite, before its backward pass and the optimizer step: the weights stay finite, and no
+            checkpoint or export of a diverged run is written after it.
 
     Example::
 
@@ -92,6 +95,7 @@ class PEFT(Callback):
         module: str | None = None,
         verbose: bool = True,
         save_rng_state: bool = True,
+        stop_on_non_finite_loss: bool = True,
     ) -> None:
         self.strategy = as_strategy(strategy)
         if problems := module_path_problems(module):
@@ -99,18 +103,22 @@ class PEFT(Callback):
         self.module = module
         self.verbose = verbose
         self.save_rng_state = save_rng_state
+        self.stop_on_non_finite_loss = stop_on_non_finite_loss
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._pretrained: Any = None  # set by from_pretrained: weights to load right after applying
         self._handles: list[Any] = []  # the module hooks of the running Trainer
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, module: str | None = None, **kwargs: Any) -> PEFT:
+    def from_pretrained(
+        cls, path: str | Path, module: str | None = None, allow_non_finite: bool = False, **kwargs: Any
+    ) -> PEFT:
         """A callback that applies the adapter saved in folder ``path`` and loads its weights.
 
         The folder is a Hugging Face PEFT adapter (``adapter_config.json``) or one that
         ``lightning_peft.export_adapter`` wrote; the strategy is built from its config, and the weights
         are loaded as soon as the strategy is applied (before a checkpoint is restored, so resuming
-        still works). Other keyword arguments go to ``PEFT``.
+        still works). Tensors holding NaN or infinity are refused unless ``allow_non_finite``. Other
+        keyword arguments go to ``PEFT``.
 
         Example::
 
@@ -118,7 +126,7 @@ class PEFT(Callback):
         """
         from lightning_peft.formats import read_adapter  # formats imports this module
 
-        adapter = read_adapter(path)
+        adapter = read_adapter(path, allow_non_finite)
         callback = cls(adapter.strategy, module=module, **kwargs)
         callback._pretrained = adapter
         return callback
@@ -229,6 +237,18 @@ class PEFT(Callback):
     def _is_applied(self, pl_module: nn.Module) -> bool:
         return getattr(resolve_module(pl_module, self.module), _APPLIED_ATTR, None) is not None
 
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if self.stop_on_non_finite_loss and not bool(torch.isfinite(loss.detach()).all()):
+            raise FloatingPointError(
+                f"the training loss is {loss.detach().float().mean().item()} at step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx}): training "
+                "diverged, so it stops here, before this step changes the weights. Lower the learning rate, or "
+                "pass PEFT(stop_on_non_finite_loss=False) to go on"
+            )
+
     def adapt(
         self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None, required: bool = True
     ) -> bool:
@@ -291,6 +311,10 @@ class PEFT(Callback):
     def check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming every way ``checkpoint`` does not fit the adapted model."""
         meta = checkpoint.get(CHECKPOINT_KEY)
+        if meta is not None and not isinstance(meta, dict):
+            raise ValueError(
+                f"the checkpoint's {CHECKPOINT_KEY!r} entry must be a dict, got {type(meta).__name__}"
+            )
         problems = []
         if meta is not None:
             problems += config_differences(meta.get("strategy"), self.strategy.to_config())

@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_peft.callbacks.peft import _APPLIED_ATTR
 from lightning_peft.formats import peft_layout as hf
+from lightning_peft.formats.checks import check_finite, check_sizes, strategy_from_record
 from lightning_peft.formats.files import (
     copy_tokenizer,
     read_json,
@@ -28,7 +29,7 @@ from lightning_peft.formats.files import (
     write_safetensors,
 )
 from lightning_peft.formats.source import AdapterSource, source_from_checkpoint, source_from_module
-from lightning_peft.strategies.base import AdapterModule, PEFTStrategy, strategy_from_config
+from lightning_peft.strategies.base import AdapterModule, PEFTStrategy
 from lightning_peft.strategies.ia3 import IA3
 from lightning_peft.strategies.named import (
     adapter_state_dict,
@@ -69,6 +70,7 @@ def export_adapter(
     overwrite: bool = False,
     progress: Progress | None = None,
     tokenizer: Any = None,
+    allow_non_finite: bool = False,
 ) -> ExportResult:
     """Write the adapter of a checkpoint or an adapted module to the folder ``out_dir``.
 
@@ -88,10 +90,15 @@ def export_adapter(
         root: dotted path, inside the adapted module, of the Hugging Face model the PEFT paths are relative
             to. Default: the adapted module itself, or for a module source the outermost transformers
             model in it. Needed for checkpoints of ``PEFT(module=None)`` that adapted a whole LightningModule.
-        overwrite: replace an existing ``out_dir``.
+        overwrite: replace an existing ``out_dir``, if it is a folder that an export wrote (one that
+            holds other files is refused, naming them).
         progress: called with a line of text for each step (the command line prints them).
         tokenizer: also written into the folder (an object with ``save_pretrained`` or a folder
             holding tokenizer files), as ``lightning-peft generate`` and peft's users read it.
+        allow_non_finite: export tensors that hold NaN or infinity (refused by default, naming them).
+
+    Two exports to one ``out_dir`` at once: one fails at once with ``FileExistsError``. A crash at any
+    point leaves ``out_dir`` as it was or complete (see ``staged_directory``).
 
     Example::
 
@@ -108,6 +115,7 @@ def export_adapter(
         adapter = source_from_module(source, adapter_name)
     else:
         adapter = source_from_checkpoint(source, adapter_name)
+    check_finite(adapter.tensors, adapter.origin, allow_non_finite)
     facts = _facts(adapter, root, base_model_name_or_path, task_type)
     note = None
     files: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None
@@ -339,9 +347,20 @@ def _peft_key(name: str, method: PEFTStrategy) -> str:
     return key if key == "prompt_embeddings" else hf.key_prefix(method) + key
 
 
-def read_adapter(path: str | Path) -> PretrainedAdapter:
-    """Read an adapter folder: the Hugging Face PEFT layout, or ours (``lightning_peft_config.json``)."""
-    folder = Path(path)
+def read_adapter(path: str | Path, allow_non_finite: bool = False) -> PretrainedAdapter:
+    """Read an adapter folder: the Hugging Face PEFT layout, or ours (``lightning_peft_config.json``).
+
+    Checked before anything is built: the files are intact (our safetensors carry a checksum), the
+    sizes in the config match the tensors, and no tensor holds NaN or infinity (unless
+    ``allow_non_finite``). Each problem is a ``ValueError`` naming the file.
+    """
+    adapter = _read_adapter(Path(path))
+    check_sizes(adapter.strategy, adapter.tensors, str(adapter.path))
+    check_finite(adapter.tensors, str(adapter.path), allow_non_finite)
+    return adapter
+
+
+def _read_adapter(folder: Path) -> PretrainedAdapter:
     if not folder.is_dir():
         raise FileNotFoundError(f"no adapter folder at {folder}")
     if (folder / hf.CONFIG_FILE).is_file():
@@ -363,26 +382,30 @@ def read_adapter(path: str | Path) -> PretrainedAdapter:
                 f"{NATIVE_FORMAT_VERSION}); upgrade lightning_peft"
             )
         tensors = read_safetensors(folder / hf.WEIGHTS_FILE)
-        return PretrainedAdapter(folder, "lightning_peft", strategy_from_config(config["strategy"]), tensors)
+        strategy = strategy_from_record(config.get("strategy"), str(folder / NATIVE_CONFIG), "strategy")
+        return PretrainedAdapter(folder, "lightning_peft", strategy, tensors)
     found = sorted(p.name for p in folder.iterdir())
     raise ValueError(
         f"{folder} holds neither {hf.CONFIG_FILE} nor {NATIVE_CONFIG}; files there: {found or 'none'}"
     )
 
 
-def load_adapter(module: nn.Module, path: str | Path, adapter_name: str | None = None) -> nn.Module:
+def load_adapter(
+    module: nn.Module, path: str | Path, adapter_name: str | None = None, allow_non_finite: bool = False
+) -> nn.Module:
     """Adapt ``module`` with the adapter saved in folder ``path`` and load its weights.
 
     ``module`` is the model the adapter was saved for (for a peft adapter, the Hugging Face model that
     ``PeftModel.from_pretrained`` would wrap). The strategy is built from the folder's config; with
     ``adapter_name`` the adapter is added as a named adapter next to the ones already there.
-    Raises ``ValueError`` naming the keys that do not fit.
+    Raises ``ValueError`` naming the keys that do not fit, and for tensors that hold NaN or infinity
+    unless ``allow_non_finite`` (see :func:`read_adapter`).
 
     Example::
 
         model = load_adapter(AutoModelForCausalLM.from_pretrained("base"), "peft-adapter-folder")
     """
-    adapter = read_adapter(path)
+    adapter = read_adapter(path, allow_non_finite)
     if adapter_name is None:
         adapter.strategy.apply(module)
         object.__setattr__(module, _APPLIED_ATTR, adapter.strategy.to_config())

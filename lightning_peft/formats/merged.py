@@ -11,12 +11,13 @@ from torch import nn
 
 from lightning_peft.callbacks.peft import _APPLIED_ATTR
 from lightning_peft.formats.adapter import ExportResult, Progress
+from lightning_peft.formats.checks import check_finite
 from lightning_peft.formats.files import copy_tokenizer, read_json, staged_directory
 from lightning_peft.formats.source import adapted_module, source_from_checkpoint
 from lightning_peft.strategies.base import MergeableAdapter, PEFTStrategy, adapter_modules
 from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.quantized import dequantized_linear, quantized_kind
-from lightning_peft.strategies.state import load_trainable_state_dict, trainable_names
+from lightning_peft.strategies.state import load_trainable_state_dict, trainable_names, trainable_state_dict
 from lightning_peft.strategies.targeting import replace_module
 
 
@@ -28,6 +29,7 @@ def export_merged(
     tokenizer: Any = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    allow_non_finite: bool = False,
 ) -> ExportResult:
     """Write a full transformers model with the adapters merged in, loadable with ``from_pretrained``.
 
@@ -44,8 +46,9 @@ def export_merged(
             its ``config.json``) or as a module (then copied).
         tokenizer: saved alongside: an object with ``save_pretrained`` or a folder to copy tokenizer files
             from. Default: the source's ``tokenizer`` attribute, or the tokenizer files of a ``base`` folder.
-        overwrite: replace an existing ``out_dir``.
+        overwrite: replace an existing ``out_dir``, if it is a folder that an export wrote.
         progress: called with a line of text for each step.
+        allow_non_finite: merge adapters that hold NaN or infinity (refused by default, naming them).
 
     Example::
 
@@ -63,6 +66,7 @@ def export_merged(
             raise ValueError("merging a checkpoint needs base= the model it was trained on (a model folder)")
         say(f"reading {source}")
         adapter = source_from_checkpoint(source)
+        check_finite(adapter.tensors, str(source), allow_non_finite)
         model = _load_base(base, say)
         say(f"applying {type(adapter.strategy).__name__} and loading {len(adapter.tensors)} tensors")
         adapter.strategy.apply(model)
@@ -81,7 +85,7 @@ def export_merged(
             tokenizer = base
     active = sum(1 for _, m in adapter_modules(model) if getattr(m, "enabled", True))
     say(f"merging {active} adapter layers into {type(model).__name__}")
-    merge_and_unwrap(model)
+    merge_and_unwrap(model, allow_non_finite=allow_non_finite)
     say(f"writing {out_dir}")
     with staged_directory(out_dir, overwrite) as staged:
         model.save_pretrained(str(staged), safe_serialization=True)
@@ -90,9 +94,11 @@ def export_merged(
     return ExportResult(Path(out_dir), "merged", len(model.state_dict()), note)
 
 
-def merge_and_unwrap(model: nn.Module) -> int:
+def merge_and_unwrap(model: nn.Module, allow_non_finite: bool = False) -> int:
     """Fold every active adapter into ``model``'s weights, drop inactive ones and put the original layers
-    back; returns how many adapters were merged. Raises ``ValueError`` if an active one cannot merge."""
+    back; returns how many adapters were merged. Raises ``ValueError`` if an active one cannot merge, or
+    holds NaN or infinity (unless ``allow_non_finite``)."""
+    check_finite(trainable_state_dict(model), type(model).__name__, allow_non_finite)
     cannot = [
         f"{path or type(model).__name__} ({type(m).__name__})"
         for path, m in adapter_modules(model)

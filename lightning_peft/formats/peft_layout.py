@@ -248,8 +248,32 @@ def entries_peft_used(config: dict[str, Any], keys: Iterable[str]) -> dict[str, 
     return narrowed
 
 
+_REQUIRED = {
+    "LORA": ("r",),
+    "PROMPT_TUNING": ("num_virtual_tokens",),
+    "PREFIX_TUNING": ("num_virtual_tokens",),
+}
+
+
 def strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrategy:
-    """The strategy that builds the adapter an ``adapter_config.json`` describes."""
+    """The strategy that builds the adapter an ``adapter_config.json`` describes; a ``ValueError`` names
+    a missing or malformed field."""
+    missing = [key for key in _REQUIRED.get(config.get("peft_type"), ()) if key not in config]
+    if missing:
+        raise ValueError(
+            f"{source}: {CONFIG_FILE} lacks {', '.join(missing)}, needed for {config['peft_type']}"
+        )
+    try:
+        return _strategy_from_peft_config(config, source)
+    except (TypeError, KeyError, AttributeError) as err:  # a field of the wrong type
+        raise ValueError(f"{source}: {CONFIG_FILE} has a malformed field: {err!r}") from err
+    except ValueError as err:
+        if str(err).startswith(source):
+            raise
+        raise ValueError(f"{source}: {CONFIG_FILE} has invalid values: {err}") from err
+
+
+def _strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrategy:
     kind = config.get("peft_type")
     if kind not in SUPPORTED_TYPES:
         raise ValueError(

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_peft.callbacks.peft import _APPLIED_ATTR, CHECKPOINT_KEY
+from lightning_peft.formats.checks import check_sizes, checkpoint_entry, strategy_from_record
 from lightning_peft.formats.files import load_checkpoint_file
 from lightning_peft.strategies.adapter import _ACTIVATIONS, Adapter, AdapterLayer
 from lightning_peft.strategies.base import (
@@ -56,10 +57,13 @@ class AdapterSource:
 
 
 def source_from_checkpoint(path: str | Path, adapter_name: str | None = None) -> AdapterSource:
-    """Read the strategy and the adapter tensors of a checkpoint written with the ``PEFT`` callback."""
+    """Read the strategy and the adapter tensors of a checkpoint written with the ``PEFT`` callback.
+
+    The file's CRCs, its ``lightning_peft`` entry and the strategy's sizes against the tensors are
+    checked (``ValueError`` naming what is wrong); non-finite values are the caller's to check."""
     checkpoint = load_checkpoint_file(path)
-    meta = checkpoint.get(CHECKPOINT_KEY)
-    if not isinstance(meta, dict) or "strategy" not in meta:
+    meta = checkpoint_entry(checkpoint, CHECKPOINT_KEY, str(path))
+    if meta is None:
         raise ValueError(
             f"{path} was not written with the PEFT callback (it has no {CHECKPOINT_KEY!r} entry), so it does "
             "not say which strategy built its tensors"
@@ -84,8 +88,10 @@ def source_from_checkpoint(path: str | Path, adapter_name: str | None = None) ->
             f"part of its adapter; they are not exported: {', '.join(outside[:6])}",
             stacklevel=3,
         )
+    strategy = strategy_from_record(meta["strategy"], str(path), f"{CHECKPOINT_KEY}['strategy']")
+    check_sizes(strategy, tensors, str(path))
     return AdapterSource(
-        strategy=strategy_from_config(meta["strategy"]),
+        strategy=strategy,
         tensors=tensors,
         origin=str(path),
         module=module,

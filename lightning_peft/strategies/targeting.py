@@ -22,8 +22,10 @@ import difflib
 import re
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import regex
 from torch import nn
 
 from lightning_peft.strategies.base import AdapterModule
@@ -77,8 +79,22 @@ def matches(name: str, spec: TargetSpec) -> bool:
     if spec is None:
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return _bounded(regex.fullmatch, spec, name) is not None
     return any(name == target or name.endswith("." + target) for target in spec)
+
+
+REGEX_TIMEOUT_S = 1.0  # per module name; a pattern that backtracks catastrophically would never end
+
+
+def _bounded(match: Callable[..., Any], pattern: str, name: str) -> Any:
+    """``match(pattern, name)`` with the ``regex`` package's time limit: a hostile config cannot hang."""
+    try:
+        return match(pattern, name, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        raise ValueError(
+            f"the regular expression {pattern!r} took over {REGEX_TIMEOUT_S:g} s on the module name {name!r} "
+            "(catastrophic backtracking); write a simpler pattern or a list of module names"
+        ) from None
 
 
 def layer_index(name: str, layers_pattern: TargetSpec = None) -> int | None:
@@ -88,7 +104,7 @@ def layer_index(name: str, layers_pattern: TargetSpec = None) -> int | None:
     else:
         patterns = layers_pattern or DEFAULT_LAYERS_PATTERNS
     for pattern in patterns:
-        found = re.match(rf"(?:.*\.)?{pattern}\.(\d+)(?:\.|$)", name)
+        found = _bounded(regex.match, rf"(?:.*\.)?{pattern}\.(\d+)(?:\.|$)", name)
         if found:
             return int(found.group(1))
     return None

@@ -1,0 +1,162 @@
+"""Checks on what is read from a file before anything is built from it.
+
+A config and a weights file can disagree (a corrupt or hostile config, a file from another run): the
+sizes a config asks for (LoRA's ``r``, the number of virtual tokens, a prefix MLP's width) are compared
+with the tensors in the weights file *before* the strategy allocates a layer, so ``r=10**9`` is an
+error, not a 256 GB allocation. Tensors holding NaN or infinity are refused unless the caller asks for
+them (for forensics). Malformed records give a ``ValueError`` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lightning_peft.strategies.base import PEFTStrategy, strategy_from_config
+from lightning_peft.strategies.compose import Compose
+from lightning_peft.strategies.lora import LoRA
+from lightning_peft.strategies.prompt import PrefixTuning, PromptTuning
+
+# leaf names of the tensors whose shape holds a LoRA rank: (tensor name ending, dimension of r)
+_RANK_DIMS = (
+    ("lora_A", 0),
+    ("lora_A.weight", 0),
+    ("lora_embedding_A", 0),
+    ("lora_B", 1),
+    ("lora_B.weight", 1),
+    ("lora_embedding_B", 1),
+)
+_PROMPT_TENSORS = ("prompt_embeddings", "prefix_encoder.prefix", "prefix_encoder.prefix_embeddings")
+
+
+def non_finite_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [
+        name
+        for name, value in tensors.items()
+        if isinstance(value, torch.Tensor)
+        and (value.is_floating_point() or value.is_complex())
+        and not bool(torch.isfinite(value).all())
+    ]
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str, allow_non_finite: bool = False) -> None:
+    """Raise ``ValueError`` naming the tensors of ``source`` that hold NaN or infinity (unless allowed)."""
+    if allow_non_finite:
+        return
+    bad = non_finite_names(tensors)
+    if bad:
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise ValueError(
+            f"{source}: {len(bad)} tensors hold NaN or infinity: {', '.join(bad[:8])}{more} (training "
+            "diverged?); pass allow_non_finite=True (--allow-non-finite) to use them anyway"
+        )
+
+
+def _methods(strategy: PEFTStrategy) -> list[PEFTStrategy]:
+    if isinstance(strategy, Compose):
+        return [m for s in strategy.strategies for m in _methods(s)]
+    return [strategy]
+
+
+def check_sizes(strategy: PEFTStrategy, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` if a size the strategy's config sets disagrees with the saved tensors.
+
+    Called before ``strategy.apply``: it allocates what the config asks for, whatever the file holds.
+    """
+    problems = []
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    for method in _methods(strategy):
+        if isinstance(method, LoRA):
+            ranks = {
+                f"{name} {shape}": shape[dim]
+                for name, shape in shapes.items()
+                for ending, dim in _RANK_DIMS
+                if (name == ending or name.endswith("." + ending)) and len(shape) > dim
+            }
+            if not ranks:
+                problems.append(
+                    f"the config describes LoRA (r={method.r}) but the file holds no lora_A/lora_B"
+                )
+            wrong = [name for name, rank in ranks.items() if rank != method.r]
+            if wrong:
+                problems.append(
+                    f"r={method.r} in the config, but the tensors have another rank: {', '.join(wrong[:4])}"
+                )
+        elif isinstance(method, PromptTuning | PrefixTuning):
+            rows = {
+                f"{name} {shape}": shape[0]
+                for name, shape in shapes.items()
+                if any(name == t or name.endswith("." + t) for t in _PROMPT_TENSORS) and shape
+            }
+            if not rows:
+                problems.append(
+                    f"the config describes {type(method).__name__} but the file holds no prompt tensor"
+                )
+            wrong = [name for name, n in rows.items() if n != method.num_virtual_tokens]
+            if wrong:
+                problems.append(
+                    f"num_virtual_tokens={method.num_virtual_tokens} in the config, but the tensors hold "
+                    f"another number: {', '.join(wrong)}"
+                )
+            width = getattr(method, "encoder_hidden_size", None)
+            mlp = [s for n, s in shapes.items() if n.endswith("prefix_encoder.transform.0.weight")]
+            if (
+                getattr(method, "prefix_projection", False)
+                and width is not None
+                and mlp
+                and mlp[0][0] != width
+            ):
+                problems.append(
+                    f"encoder_hidden_size={width} in the config, but the saved MLP is {mlp[0][0]} wide"
+                )
+    if problems:
+        raise ValueError(f"{source}: the config does not fit its tensors:\n  - " + "\n  - ".join(problems))
+
+
+def strategy_from_record(record: Any, source: str, field: str) -> PEFTStrategy:
+    """The strategy a saved record (``PEFTStrategy.to_config()``) describes; ``ValueError`` naming
+    ``field`` of ``source`` if it is malformed."""
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{source}: {field} must be a dict (a strategy's config), got {type(record).__name__}"
+        )
+    if not isinstance(record.get("class"), str):
+        raise ValueError(
+            f"{source}: {field}['class'] must name a strategy class, got {record.get('class')!r}"
+        )
+    if not isinstance(record.get("config", {}), dict):
+        raise ValueError(f"{source}: {field}['config'] must be a dict, got {type(record['config']).__name__}")
+    try:
+        return strategy_from_config(record)
+    except (TypeError, ValueError, KeyError, AttributeError, ImportError) as err:
+        raise ValueError(f"{source}: {field} does not describe a valid strategy: {err}") from err
+
+
+def checkpoint_entry(checkpoint: Mapping[str, Any], key: str, source: str) -> dict[str, Any] | None:
+    """The ``lightning_peft`` entry of a checkpoint, checked field by field (None if there is none)."""
+    entry = checkpoint.get(key)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{source}: checkpoint[{key!r}] must be a dict, got {type(entry).__name__}")
+    problems = []
+    if not isinstance(entry.get("strategy"), dict):
+        problems.append(f"'strategy' must be a dict, got {type(entry.get('strategy')).__name__}")
+    module = entry.get("module")
+    if module is not None and not (isinstance(module, str) and all(module.split("."))):
+        problems.append(f"'module' must be None or a dotted attribute path, got {module!r}")
+    trainable = entry.get("trainable", {})
+    if not isinstance(trainable, dict) or not all(
+        isinstance(v, list | tuple) and all(isinstance(d, int) and d >= 0 for d in v)
+        for v in trainable.values()
+    ):
+        problems.append("'trainable' must map tensor names to shapes (lists of sizes)")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        problems.append("'state_dict' must map names to tensors")
+    if problems:
+        raise ValueError(f"{source}: checkpoint[{key!r}] is malformed:\n  - " + "\n  - ".join(problems))
+    return entry
