@@ -207,23 +207,38 @@ trainer, callbacks, schedule, experiment, hparams_search). Everything after `fit
   lightning-peft fit                                   LoRA on the shipped MiniLM and intent set
   lightning-peft fit peft=ia3 trainer.max_epochs=1     override groups and keys
   lightning-peft fit -m peft=lora,dora peft.r=4,8      a sweep, with summary.csv at the end
+  lightning-peft fit trainer=ddp                       2 processes with Lightning's DDP
   lightning-peft fit --help                            Hydra's help: every group and option
+
+A sweep (-m) runs every job even when some fail; summary.csv has a status column and each failure's
+error line, and the command exits with the number of jobs that failed (0: all succeeded).
 """
 
 
 def run_fit(overrides: Sequence[str]) -> int:
-    """Hand the overrides to Hydra's ``main`` (it parses -m, --help, --cfg, ... itself)."""
+    """Hand the overrides to Hydra's ``main`` (it parses -m, --help, --cfg, ... itself).
+
+    Returns 0, 1 on an error, or after a ``-m`` sweep the number of jobs that failed."""
+    import importlib.util
+
+    import __main__
     from lightning_peft import fit
 
-    saved = sys.argv
+    saved_argv, saved_spec = sys.argv, getattr(__main__, "__spec__", None)
     sys.argv = ["lightning-peft fit", *overrides]
+    # Lightning's ddp launcher starts the other ranks with `python -m <__main__.__spec__.name> *sys.argv[1:]`
+    # (or `python <sys.argv[0]> ...` without a spec). Naming lightning_peft.fit as the main module makes that
+    # command the same job: `python -m lightning_peft.fit <overrides>`, which runs fit's Hydra main.
+    __main__.__spec__ = importlib.util.find_spec("lightning_peft.fit")
+    fit.SWEEP_FAILURES.clear()
     try:
         fit.main()
     except SystemExit as exit_:  # Hydra exits 1 on errors (after printing them) and 0 after --help
         return int(exit_.code or 0)
     finally:
-        sys.argv = saved
-    return EXIT_OK
+        sys.argv = saved_argv
+        __main__.__spec__ = saved_spec
+    return min(len(fit.SWEEP_FAILURES), 125)
 
 
 COMMANDS: tuple[Command, ...] = (
