@@ -52,7 +52,10 @@ format cannot carry (bottleneck adapters, Compose, ...), the lightning_peft layo
 No base model weights are needed.
 
 With --merged --base MODEL_DIR: a full transformers model folder (save_pretrained) with LoRA, DoRA
-and IA3 folded into the weights of the model in MODEL_DIR; its tokenizer files are copied along.
+and IA3 folded into the weights of the model in MODEL_DIR; its tokenizer files are copied along. For a
+checkpoint of a whole adapted LightningModule (PEFT(module=None)) add --root ATTRIBUTE, the attribute
+holding the transformers model; what trained beside it (a classifier head) is written to
+OUT/module_weights.safetensors, keyed as in the LightningModule.
 
 OUT is written next to its final place and renamed when complete; an existing OUT is refused
 unless --overwrite.
@@ -86,7 +89,8 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--root",
         metavar="PATH",
-        help="attribute path of the Hugging Face model inside a whole adapted LightningModule (PEFT(module=None))",
+        help="attribute path of the Hugging Face model inside a whole adapted LightningModule "
+        "(PEFT(module=None)); also with --merged",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
@@ -96,10 +100,8 @@ def _run_export(args: argparse.Namespace) -> int:
         raise UsageError("--base is used only with --merged")
     if args.merged and not args.base:
         raise UsageError("--merged needs --base MODEL_DIR, the model the checkpoint was trained on")
-    if args.merged and (args.format != "auto" or args.task_type or args.root or args.base_model_name_or_path):
-        raise UsageError(
-            "--format, --task-type, --root and --base-model-name-or-path apply to adapter exports"
-        )
+    if args.merged and (args.format != "auto" or args.task_type or args.base_model_name_or_path):
+        raise UsageError("--format, --task-type and --base-model-name-or-path apply to adapter exports")
     if args.merged and args.adapter_name not in (None, "default"):
         raise UsageError("a checkpoint holds one adapter, named 'default'")
     from lightning_peft.formats import export_adapter, export_merged
@@ -110,7 +112,12 @@ def _run_export(args: argparse.Namespace) -> int:
 
     if args.merged:
         result = export_merged(
-            args.checkpoint, args.out, base=args.base, overwrite=args.overwrite, progress=_progress
+            args.checkpoint,
+            args.out,
+            base=args.base,
+            root=args.root,
+            overwrite=args.overwrite,
+            progress=_progress,
         )
     else:
         result = export_adapter(

@@ -188,7 +188,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tokenizer = getattr(datamodule, "tokenizer", None)
     if not callable(getattr(tokenizer, "save_pretrained", None)):
         tokenizer = None
-    written = export_adapter(source, out / "adapter", overwrite=True, tokenizer=tokenizer)
+    # a whole adapted LightningModule: PEFT paths are relative to the Hugging Face model inside it, and a
+    # head trained beside that model sends the export to the lightning_peft layout, which the note says
+    root = None if cfg.get("peft_module") else cfg.get("model_attribute")
+    written = export_adapter(
+        source,
+        out / "adapter",
+        overwrite=True,
+        tokenizer=tokenizer,
+        task_type=_task_type(module, cfg),
+        root=root,
+    )
     record = {
         "metrics": metrics,
         "checkpoint": str(final),
@@ -214,6 +224,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         log.info("wrote %s", write_curves(csv_log, out / "curves.png"))
     return metrics
+
+
+def _task_type(module: Any, cfg: DictConfig) -> str | None:
+    """peft's task type of the Hugging Face model PEFT adapts (prompt and prefix tuning need it in
+    adapter_config.json; a checkpoint does not record the model's class)."""
+    from transformers import PreTrainedModel
+
+    from lightning_peft.formats.peft_layout import task_type_of
+
+    path = cfg.get("peft_module")
+    adapted = module.get_submodule(path) if path else module
+    model = next((m for m in adapted.modules() if isinstance(m, PreTrainedModel)), None)
+    return task_type_of(type(model).__name__) if model is not None else None
 
 
 def _best_checkpoint(trainer: L.Trainer) -> Path | None:
