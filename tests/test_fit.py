@@ -200,7 +200,8 @@ def test_every_shipped_method_trains_and_exports_on_every_shipped_model(tmp_path
     # everything that trained is in the export: the head beside MiniLM's encoder too
     assert len(exported) == len(trained) > 0
     if model == "minilm":
-        assert {"classifier.trained.weight", "classifier.trained.bias"} <= set(exported)
+        # modules_to_save (classifier.trained.*), or Freeze's trainable_modules for prompt and prefix tuning
+        assert len({k for k in exported if k.startswith("classifier.")}) == 2
         assert record["adapter_format"] == "lightning_peft" and record["adapter_note"]  # says why
     else:
         assert record["adapter_format"] == ("lightning_peft" if peft in ("adapter", "freeze") else "peft")
