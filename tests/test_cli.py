@@ -104,7 +104,7 @@ def test_merged_export_reports_progress_and_loads_as_a_plain_model(trained, tmp_
         ["--base", "somewhere"],
         ["--format", "zip"],
         ["--no-such-option"],
-        ["--merged", "--base", "b", "--root", "model"],
+        ["--merged", "--base", "b", "--task-type", "CAUSAL_LM"],  # --root is valid with --merged
     ],
 )
 def test_usage_errors_exit_with_2(extra, tmp_path, capsys):
