@@ -102,7 +102,9 @@ def test_the_default_job_trains_what_the_example_trains_and_writes_the_same_layo
     )
     for out in (job, run):
         # the job also saves its data module's tokenizer there
-        assert {"adapter_model.safetensors", "lightning_peft_config.json"} <= {p.name for p in (out / "adapter").iterdir()}
+        assert {"adapter_model.safetensors", "lightning_peft_config.json"} <= {
+            p.name for p in (out / "adapter").iterdir()
+        }
         assert len(list((out / "checkpoints").glob("epoch*-val_loss*.ckpt"))) == 1  # the best, by val_loss
     config = json.loads((job / "adapter" / "lightning_peft_config.json").read_text())
     assert config == json.loads((run / "adapter" / "lightning_peft_config.json").read_text())
