@@ -3,6 +3,9 @@
 The LightningModule below is plain Lightning: a BERT encoder, mean pooling and a linear head. It knows
 nothing about PEFT. The ``PEFT`` callback puts LoRA into the attention's query and value projections,
 trains the new head whole (``modules_to_save``), and writes checkpoints that hold only those tensors.
+This is the job that ``lightning-peft fit`` runs with no arguments, written out without Hydra: the same
+model, targets, data and hyperparameters, and the same output layout (``checkpoints/`` with the best and
+the last adapter-only checkpoint, ``adapter/`` exported from the best one, ``metrics.json``).
 
     python examples/finetune_minilm.py                 # well under a minute on 2 CPU cores
     python examples/finetune_minilm.py --max-steps 5   # a smoke run
@@ -28,6 +31,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoModel, AutoTokenizer
@@ -36,7 +40,7 @@ import lightning_peft
 from lightning_peft import PEFT, LoRA
 
 DATA = Path(lightning_peft.__file__).resolve().parent / "data" / "support_intents.csv"
-LABELS = ["billing", "delivery", "technical", "account"]
+LABELS = ["account", "billing", "delivery", "technical"]  # sorted, as lightning-peft fit orders them
 
 
 def base_model_path() -> str:
@@ -58,13 +62,13 @@ class IntentClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # None stays None: the checkpoint does not hold this machine's path
-        self.backbone = AutoModel.from_pretrained(model_path or base_model_path(), local_files_only=True)
+        self.model = AutoModel.from_pretrained(model_path or base_model_path(), local_files_only=True)
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode: dropout on for training
-        self.backbone.train()
-        self.classifier = nn.Linear(self.backbone.config.hidden_size, num_labels)
+        self.model.train()
+        self.classifier = nn.Linear(self.model.config.hidden_size, num_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = outputs.last_hidden_state  # (B, T, H)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
@@ -89,7 +93,8 @@ class IntentClassifier(L.LightningModule):
         self.log("val_acc", accuracy, batch_size=size, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=0.0)
 
 
 def read_split(split: str) -> list[tuple[str, int]]:
@@ -137,19 +142,27 @@ def main(argv: list[str] | None = None) -> dict:
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     train_loader = make_loader(model_path, "train", args.batch_size, shuffle=True)
-    val_loader = make_loader(model_path, "validation", 32, shuffle=False)
+    val_loader = make_loader(model_path, "validation", 64, shuffle=False)
     model = IntentClassifier(lr=args.lr)
 
     # LoRA on every attention block's query and value projections; the new head is trained whole.
     peft = PEFT(LoRA(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    # keeps the adapter-only checkpoint with the lowest validation loss: the adapter is exported from it
+    best = ModelCheckpoint(
+        dirpath=args.output_dir / "checkpoints",
+        filename="epoch{epoch}-val_loss{val_loss:.4f}",
+        auto_insert_metric_name=False,
+        monitor="val_loss",
+        mode="min",
+        save_top_k=1,
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=args.epochs,
         max_steps=args.max_steps,
-        callbacks=[peft],
+        callbacks=[peft, best],
         logger=False,
-        enable_checkpointing=False,
         default_root_dir=args.output_dir,
         log_every_n_steps=5,
     )
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     after = validate(trainer, model, val_loader)
     print(f"validation accuracy after fine-tuning:  {after['val_acc']:.3f}")
 
-    checkpoint = args.output_dir / "adapter.ckpt"
+    checkpoint = args.output_dir / "checkpoints" / "last-adapter.ckpt"
     # the model state is adapter-only (LoRA tensors and the head); weights_only=False adds the optimizer
     # and loop state, so `trainer.fit(..., ckpt_path=checkpoint)` could resume from it
     trainer.save_checkpoint(checkpoint, weights_only=False)
@@ -172,6 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
     again = validate(check, reloaded, val_loader)
     print(f"validation accuracy after reloading:    {again['val_acc']:.3f}")
 
+    # the adapter folder, from the best checkpoint: LoRA's tensors and the head beside the encoder, which
+    # the Hugging Face PEFT format cannot hold, so it is the lightning_peft layout (the note says so)
+    source = Path(best.best_model_path) if best.best_model_path else checkpoint
+    adapter = lightning_peft.export_adapter(source, args.output_dir / "adapter", root="model", overwrite=True)
+    print(f"adapter ({adapter.format} layout, from {source.name}): {adapter.path}; {adapter.note}")
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base_file = Path(model_path) / "model.safetensors"
     metrics = {
@@ -179,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         "after": after,
         "reloaded": again,
         "checkpoint": str(checkpoint),
+        "best_checkpoint": str(source),
+        "adapter": str(adapter.path),
         "checkpoint_bytes": checkpoint.stat().st_size,
         "base_model_bytes": base_file.stat().st_size,
         "trainable_params": trainable,

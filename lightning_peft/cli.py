@@ -52,7 +52,10 @@ format cannot carry (bottleneck adapters, Compose, ...), the lightning_peft layo
 No base model weights are needed.
 
 With --merged --base MODEL_DIR: a full transformers model folder (save_pretrained) with LoRA, DoRA
-and IA3 folded into the weights of the model in MODEL_DIR; its tokenizer files are copied along.
+and IA3 folded into the weights of the model in MODEL_DIR; its tokenizer files are copied along. For a
+checkpoint of a whole adapted LightningModule (PEFT(module=None)) add --root ATTRIBUTE, the attribute
+holding the transformers model; what trained beside it (a classifier head) is written to
+OUT/module_weights.safetensors, keyed as in the LightningModule.
 
 OUT is written next to its final place and renamed when complete; an existing OUT is refused
 unless --overwrite, which replaces only an earlier export. A second export to the same OUT while
@@ -87,7 +90,8 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--root",
         metavar="PATH",
-        help="attribute path of the Hugging Face model inside a whole adapted LightningModule (PEFT(module=None))",
+        help="attribute path of the Hugging Face model inside a whole adapted LightningModule "
+        "(PEFT(module=None)); also with --merged",
     )
     parser.add_argument(
         "--overwrite",
@@ -106,10 +110,8 @@ def _run_export(args: argparse.Namespace) -> int:
         raise UsageError("--base is used only with --merged")
     if args.merged and not args.base:
         raise UsageError("--merged needs --base MODEL_DIR, the model the checkpoint was trained on")
-    if args.merged and (args.format != "auto" or args.task_type or args.root or args.base_model_name_or_path):
-        raise UsageError(
-            "--format, --task-type, --root and --base-model-name-or-path apply to adapter exports"
-        )
+    if args.merged and (args.format != "auto" or args.task_type or args.base_model_name_or_path):
+        raise UsageError("--format, --task-type and --base-model-name-or-path apply to adapter exports")
     if args.merged and args.adapter_name not in (None, "default"):
         raise UsageError("a checkpoint holds one adapter, named 'default'")
     from lightning_peft.formats import export_adapter, export_merged
@@ -123,6 +125,7 @@ def _run_export(args: argparse.Namespace) -> int:
             args.checkpoint,
             args.out,
             base=args.base,
+            root=args.root,
             overwrite=args.overwrite,
             progress=_progress,
             allow_non_finite=args.allow_non_finite,
@@ -223,23 +226,38 @@ trainer, callbacks, schedule, experiment, hparams_search). Everything after `fit
   lightning-peft fit                                   LoRA on the shipped MiniLM and intent set
   lightning-peft fit peft=ia3 trainer.max_epochs=1     override groups and keys
   lightning-peft fit -m peft=lora,dora peft.r=4,8      a sweep, with summary.csv at the end
+  lightning-peft fit trainer=ddp                       2 processes with Lightning's DDP
   lightning-peft fit --help                            Hydra's help: every group and option
+
+A sweep (-m) runs every job even when some fail; summary.csv has a status column and each failure's
+error line, and the command exits with the number of jobs that failed (0: all succeeded).
 """
 
 
 def run_fit(overrides: Sequence[str]) -> int:
-    """Hand the overrides to Hydra's ``main`` (it parses -m, --help, --cfg, ... itself)."""
+    """Hand the overrides to Hydra's ``main`` (it parses -m, --help, --cfg, ... itself).
+
+    Returns 0, 1 on an error, or after a ``-m`` sweep the number of jobs that failed."""
+    import importlib.util
+
+    import __main__
     from lightning_peft import fit
 
-    saved = sys.argv
+    saved_argv, saved_spec = sys.argv, getattr(__main__, "__spec__", None)
     sys.argv = ["lightning-peft fit", *overrides]
+    # Lightning's ddp launcher starts the other ranks with `python -m <__main__.__spec__.name> *sys.argv[1:]`
+    # (or `python <sys.argv[0]> ...` without a spec). Naming lightning_peft.fit as the main module makes that
+    # command the same job: `python -m lightning_peft.fit <overrides>`, which runs fit's Hydra main.
+    __main__.__spec__ = importlib.util.find_spec("lightning_peft.fit")
+    fit.SWEEP_FAILURES.clear()
     try:
         fit.main()
     except SystemExit as exit_:  # Hydra exits 1 on errors (after printing them) and 0 after --help
         return int(exit_.code or 0)
     finally:
-        sys.argv = saved
-    return EXIT_OK
+        sys.argv = saved_argv
+        __main__.__spec__ = saved_spec
+    return min(len(fit.SWEEP_FAILURES), 125)
 
 
 COMMANDS: tuple[Command, ...] = (

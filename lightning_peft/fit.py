@@ -14,27 +14,35 @@ A run whose training loss becomes NaN or infinite stops with an error and export
 
     lightning-peft fit                                  # LoRA on the shipped MiniLM and intent set
     lightning-peft fit peft=ia3 trainer.max_epochs=1
-    lightning-peft fit -m peft=lora,ia3 ++peft.r=4,8    # a sweep; `++` because IA3 has no `r`
+    lightning-peft fit -m peft=lora,dora peft.r=4,8     # a sweep: 4 jobs, then summary.csv
 
-In a sweep across methods, a ``peft`` key that the chosen method does not take (``r`` for IA3) is
-dropped with a warning, so the grid runs; write it with ``++`` so that Hydra accepts it for every method.
+A ``peft`` key that the chosen method does not take (``r`` for IA3) is an error before training: the
+run would train something else than asked. A sweep runs every job even when some fail; its summary
+says which failed and why.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_peft.formats.files import json_text, write_text
+
 log = logging.getLogger(__name__)
+
+
+SWEEP_FAILURES: list[str] = []  # the jobs of the last -m sweep that failed (SweepSummary fills it)
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
@@ -43,7 +51,13 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
 
     from lightning_peft import PEFT
 
-    strategy = instantiate(_known_fields(cfg.peft), _convert_="all")
+    strategy = instantiate(_strategy_node(cfg), _convert_="all")
+    head = cfg.get("peft_head")
+    if head and not _has_field(cfg.peft, "modules_to_save") and not _has_field(cfg.peft, "trainable_modules"):
+        from lightning_peft import Compose, Freeze
+
+        # prompt and prefix tuning have no modules_to_save: the head beside the model trains through Freeze
+        strategy = Compose([strategy, Freeze(trainable_modules=list(head))])
     callbacks = [
         PEFT(
             strategy,
@@ -63,32 +77,94 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
     return callbacks
 
 
-def _known_fields(node: DictConfig) -> DictConfig:
-    """``node`` without the keys its ``_target_`` dataclass does not take (warned about)."""
+def _fields(node: DictConfig) -> set[str] | None:
     import dataclasses
 
     from hydra.utils import get_class
 
     target = get_class(node._target_)
     if not dataclasses.is_dataclass(target):
+        return None
+    return {f.name for f in dataclasses.fields(target) if f.init}
+
+
+def _has_field(node: DictConfig, name: str) -> bool:
+    return name in (_fields(node) or ())
+
+
+def _strategy_node(cfg: DictConfig) -> DictConfig:
+    """``cfg.peft`` with the model's head (``peft_head``) added to what trains whole; a key the method does
+    not take is an error, since a run or a sweep over it would silently train something else."""
+    node = cfg.peft
+    fields = _fields(node)
+    if fields is None:
         return node
-    fields = {f.name for f in dataclasses.fields(target) if f.init}
     extra = [k for k in node if k != "_target_" and k not in fields]
-    if not extra:
+    if extra:
+        choice = HydraConfig.get().runtime.choices.get("peft") if HydraConfig.initialized() else None
+        raise ValueError(
+            f"peft{'=' + choice if choice else ''} ({node._target_.rpartition('.')[2]}) takes no "
+            f"{', '.join(extra)}; its options: {', '.join(sorted(fields))}"
+        )
+    head = cfg.get("peft_head")
+    if not head:
         return node
-    log.warning("%s takes no %s; ignored for this job", target.__name__, ", ".join(extra))
-    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(node).items() if k not in extra})
+    data = OmegaConf.to_container(node, resolve=True)
+    for key in ("modules_to_save", "trainable_modules"):
+        if key in fields:
+            own = data.get(key)
+            if isinstance(own, str):  # a regex: the head is the user's to include
+                continue
+            data[key] = list(dict.fromkeys([*(own or []), *head]))
+    return OmegaConf.create(data)
+
+
+class FinalCheckpoint(L.Callback):
+    """Writes the adapter-only checkpoint when training ends, inside the training processes: under
+    ``ddp_spawn`` the main process's module never carries the adapters, so it cannot write one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path, weights_only=True)
+
+
+def _trainer_strategy(cfg: DictConfig) -> str | None:
+    """The Lightning strategy to use instead of the configured one, if any: inside a ``-m`` sweep ``ddp``
+    becomes ``ddp_spawn``, since ``ddp`` starts its other ranks by re-running the command line, which
+    would run the whole sweep again in each of them."""
+    from hydra.types import RunMode
+
+    name = cfg.trainer.get("strategy")
+    if not (isinstance(name, str) and name.startswith("ddp") and "spawn" not in name):
+        return None
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    spawned = name.replace("ddp", "ddp_spawn", 1)
+    if spawned not in StrategyRegistry:
+        raise ValueError(
+            f"trainer.strategy={name} re-runs the command line in its other processes, which a -m sweep does "
+            "not survive; use a spawning strategy (ddp_spawn) in sweeps"
+        )
+    log.warning(
+        "trainer.strategy=%s inside a -m sweep runs as %s (ddp would re-run the sweep)", name, spawned
+    )
+    return spawned
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Fit once with ``cfg``; returns the final metrics (also written to ``metrics.json``)."""
-    import lightning as L
+    """Fit once with ``cfg``; returns the final metrics (also written to ``metrics.json``).
+
+    The adapter is exported from the best checkpoint when a ``ModelCheckpoint`` monitors a metric,
+    otherwise from ``checkpoints/last-adapter.ckpt``; only rank 0 exports, after every rank is done."""
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.io import CheckpointIO
 
     from lightning_peft.checkpoint import AtomicCheckpointIO
-    from lightning_peft.formats.files import json_text, write_text
 
     out = (
         Path(HydraConfig.get().runtime.output_dir)
@@ -98,8 +174,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     # built before the Trainer: a bad value (negative r, unknown key) fails here, before any training
     callbacks = build_callbacks(cfg)
+    final = out / "checkpoints" / "last-adapter.ckpt"
+    callbacks.append(FinalCheckpoint(final))
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.model, _convert_="all")
+    strategy = _trainer_strategy(cfg)
     # checkpoints are written beside their final name, never moved in from $TMPDIR (see AtomicCheckpointIO)
     plugins = list(instantiate(cfg.trainer.get("plugins") or [], _convert_="all"))
     if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -111,57 +190,106 @@ def run(cfg: DictConfig) -> dict[str, float]:
         default_root_dir=out,
         plugins=plugins,
         _convert_="all",
+        **({"strategy": strategy} if strategy else {}),
     )
+    # fixed now: processes that ddp_spawn starts get this logger, with its version, and log there
+    log_dir = Path(trainer.logger.log_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics["global_step"] = trainer.global_step
-    final = out / "checkpoints" / "last-adapter.ckpt"
-    # a full (not weights-only) save: after fit only the PEFT callback's on_save_checkpoint can cut
-    # the file to the adapters, and Lightning skips callback hooks for weights-only saves; the extra
-    # optimizer state is adapter-sized
-    trainer.save_checkpoint(final, weights_only=False)
-    if trainer.is_global_zero:
-        from lightning_peft import export_adapter
+    if not trainer.is_global_zero:
+        return metrics
+    import torch
 
-        # a data module that tokenizes (InstructionData) hands its tokenizer on: generate reads it there
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if not callable(getattr(tokenizer, "save_pretrained", None)):
-            tokenizer = None
-        written = export_adapter(final, out / "adapter", overwrite=True, tokenizer=tokenizer)
-        record = {
-            "metrics": metrics,
-            "checkpoint": str(final),
-            "adapter": str(written.path),
-            "adapter_format": written.format,
-            "overrides": _overrides(),
-        }
-        if cfg.get("export_merged"):
-            record["merged"] = _export_merged(module, out / "merged", tokenizer)
-        metrics_file = out / "metrics.json"
-        write_text(metrics_file, json_text(record, indent=2) + "\n")  # NaN -> null: valid JSON
-        log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-        log.info("wrote %s, %s and %s", final, out / "adapter", metrics_file)
-        # training curves next to metrics.json, drawn from Lightning's CSV log
-        csv_log = Path(trainer.logger.log_dir) / "metrics.csv"
-        if csv_log.is_file():
-            from lightning_peft.plotting import write_curves
+    # read from the file: under ddp_spawn this process's Trainer did not train, so it keeps no step count
+    metrics["global_step"] = int(torch.load(final, weights_only=True, map_location="cpu")["global_step"])
+    from lightning_peft import export_adapter
 
-            log.info("wrote %s", write_curves(csv_log, out / "curves.png"))
+    best = _best_checkpoint(trainer)
+    source = best or final
+    # a data module that tokenizes (InstructionData) hands its tokenizer on: generate reads it there
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if not callable(getattr(tokenizer, "save_pretrained", None)):
+        tokenizer = None
+    # a whole adapted LightningModule: PEFT paths are relative to the Hugging Face model inside it, and a
+    # head trained beside that model sends the export to the lightning_peft layout, which the note says
+    root = None if cfg.get("peft_module") else cfg.get("model_attribute")
+    written = export_adapter(
+        source,
+        out / "adapter",
+        overwrite=True,
+        tokenizer=tokenizer,
+        task_type=_task_type(module, cfg),
+        root=root,
+    )
+    record = {
+        "metrics": metrics,
+        "checkpoint": str(final),
+        "best_checkpoint": str(best) if best else None,
+        "adapter": str(written.path),
+        "adapter_from": str(source),
+        "adapter_format": written.format,
+        "adapter_note": written.note,
+        "overrides": _overrides(),
+    }
+    if written.note:
+        log.info("adapter: %s", written.note)
+    if cfg.get("export_merged"):
+        record["merged"] = _export_merged(module, source, out / "merged", tokenizer)
+    metrics_file = out / "metrics.json"
+    write_text(metrics_file, json_text(record, indent=2) + "\n")  # NaN -> null: valid JSON
+    log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    log.info("wrote %s, %s (from %s) and %s", final, out / "adapter", source.name, metrics_file)
+    # training curves next to metrics.json, drawn from Lightning's CSV log
+    csv_log = log_dir / "metrics.csv"
+    if csv_log.is_file():
+        from lightning_peft.plotting import write_curves
+
+        log.info("wrote %s", write_curves(csv_log, out / "curves.png"))
     return metrics
 
 
-def _export_merged(module: Any, out: Path, tokenizer: Any) -> str | None:
+def _task_type(module: Any, cfg: DictConfig) -> str | None:
+    """peft's task type of the Hugging Face model PEFT adapts (prompt and prefix tuning need it in
+    adapter_config.json; a checkpoint does not record the model's class)."""
+    from transformers import PreTrainedModel
+
+    from lightning_peft.formats.peft_layout import task_type_of
+
+    path = cfg.get("peft_module")
+    adapted = module.get_submodule(path) if path else module
+    model = next((m for m in adapted.modules() if isinstance(m, PreTrainedModel)), None)
+    return task_type_of(type(model).__name__) if model is not None else None
+
+
+def _best_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The checkpoint a monitoring ``ModelCheckpoint`` kept as best, if there is one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor and callback.best_model_path:
+            path = Path(callback.best_model_path)
+            if path.is_file():
+                return path
+    return None
+
+
+def _export_merged(module: Any, checkpoint: Path, out: Path, tokenizer: Any) -> str | None:
     """The trained model with its adapters merged, for ``lightning-peft generate --model``; a method
-    that cannot merge (prompt tuning, bottleneck adapters) is reported, not fatal: the adapter is saved."""
-    from lightning_peft import export_merged
+    that cannot merge (prompt tuning, bottleneck adapters) is reported, not fatal: the adapter is saved.
+    The module is built afresh and the exported checkpoint loaded into it, so the merged model is the
+    one the adapter holds (under ddp_spawn this process's module never trained)."""
+    from lightning_peft import export_merged, load_from_checkpoint
 
     try:
-        result = export_merged(module, out, tokenizer=tokenizer, overwrite=True)
+        trained = load_from_checkpoint(type(module), checkpoint)
+        result = export_merged(trained, out, tokenizer=tokenizer, overwrite=True)
     except ValueError as err:
         log.warning("no merged export: %s", err)
         return None
     log.info("wrote merged model to %s", result.path)
+    if result.note:
+        log.info("merged: %s", result.note)
     return str(result.path)
 
 
@@ -171,48 +299,95 @@ def _overrides() -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra's entry point. Returns ``cfg.optimized_metric`` for sweepers (Optuna) that minimise it."""
+    """Hydra's entry point. Returns ``cfg.optimized_metric`` for sweepers (Optuna) that minimise it.
+
+    In a ``-m`` sweep a job that fails writes ``failed.json`` (its error line) and returns, so the other
+    jobs run and the summary lists it; a single run raises as usual."""
+    from hydra.types import RunMode
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    metrics = run(cfg)
     key = cfg.get("optimized_metric")
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        metrics = run(cfg)
+        return metrics.get(key) if key else None
+    try:
+        metrics = run(cfg)
+    except Exception as err:
+        log.exception("job %s failed", HydraConfig.get().job.num)
+        out = Path(HydraConfig.get().runtime.output_dir)
+        error = " ".join(str(err).split()) or type(err).__name__
+        record = {"error": f"{type(err).__name__}: {error}", "overrides": _overrides()}
+        write_text(out / "failed.json", json_text(record, indent=2) + "\n")
+        return float("nan") if key else None  # Optuna records a NaN trial as failed and goes on
     return metrics.get(key) if key else None
 
 
 class SweepSummary(HydraCallback):
-    """Hydra callback: after a ``-m`` sweep, one table of every job's overrides and final metrics."""
+    """Hydra callback: after a ``-m`` sweep, one table of every job: its overrides, status (ok or failed),
+    final metrics, and for a failed job its error line. Failed jobs are also kept in ``SWEEP_FAILURES``
+    (``lightning-peft fit`` exits with their number)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        import json
 
         from lightning_peft.formats.files import write_text
 
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = []
-        for metrics_file in sorted(
-            sweep_dir.glob("*/metrics.json"), key=lambda p: _job_number(p.parent.name)
-        ):
-            record = json.loads(metrics_file.read_text())
+        jobs = (
+            sorted(
+                (
+                    p
+                    for p in sweep_dir.iterdir()
+                    if (p / "metrics.json").is_file() or (p / "failed.json").is_file()
+                ),
+                key=lambda p: _job_number(p.name),
+            )
+            if sweep_dir.is_dir()
+            else []
+        )
+        SWEEP_FAILURES.clear()
+        for job in jobs:
+            if (job / "failed.json").is_file():
+                record = json.loads((job / "failed.json").read_text())
+                rows.append(
+                    {
+                        "job": job.name,
+                        "status": "failed",
+                        "overrides": " ".join(record["overrides"]),
+                        "error": record["error"],
+                    }
+                )
+                SWEEP_FAILURES.append(job.name)
+                continue
+            record = json.loads((job / "metrics.json").read_text())
             rows.append(
                 {
-                    "job": metrics_file.parent.name,
+                    "job": job.name,
+                    "status": "ok",
                     "overrides": " ".join(record["overrides"]),
                     **record["metrics"],
                 }
             )
         if not rows:
-            log.warning("no job of the sweep in %s wrote metrics.json", sweep_dir)
+            log.warning("no job of the sweep in %s wrote metrics.json or failed.json", sweep_dir)
             return
-        columns = list(dict.fromkeys(k for row in rows for k in row))
+        columns = list(dict.fromkeys(k for row in rows for k in row if k != "error"))
+        if SWEEP_FAILURES:
+            columns.append("error")
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
         write_text(sweep_dir / "summary.csv", table.getvalue())
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+        lines += [
+            "| " + " | ".join(_cell(row.get(c)).replace("|", "\\|") for c in columns) + " |" for row in rows
+        ]
         write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
         print("\n".join(lines))
         print(f"sweep summary: {sweep_dir / 'summary.csv'}")
+        if SWEEP_FAILURES:
+            print(f"{len(SWEEP_FAILURES)} of {len(rows)} jobs failed: {', '.join(SWEEP_FAILURES)}")
 
 
 def _job_number(name: str) -> int:

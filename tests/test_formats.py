@@ -558,3 +558,69 @@ def test_peft_config_entries_that_selected_nothing_in_the_file_are_dropped():
     narrowed = hf.entries_peft_used(config, keys)
     assert narrowed["target_modules"] == ["query"] and narrowed["modules_to_save"] == ["classifier"]
     assert config["modules_to_save"] == ["classifier", "score"]  # the caller's dict is left alone
+
+
+# ------------------------------------------------- merged export of a whole LightningModule with a head
+
+
+class PooledClassifier(L.LightningModule):
+    """The README's main pattern: an encoder and a head beside it, the whole module adapted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_bert().bert.train()
+        self.classifier = nn.Linear(32, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.model(input_ids=input_ids).last_hidden_state.mean(1))
+
+
+def _adapted_classifier(checkpoint: Path | None = None) -> PooledClassifier:
+    lit = PooledClassifier()
+    callback = PEFT(
+        LoRA(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]), verbose=False
+    )
+    callback.adapt(lit)
+    _perturb(lit)
+    if checkpoint is not None:
+        state = {"state_dict": lit.state_dict()}
+        callback.prune_checkpoint(lit, state)
+        torch.save(state, checkpoint)
+    return lit.eval()
+
+
+def _rebuilt_from_merged(folder: Path) -> PooledClassifier:
+    from safetensors.torch import load_file
+
+    rebuilt = PooledClassifier()
+    rebuilt.model = transformers.AutoModel.from_pretrained(folder)
+    missing, unexpected = rebuilt.load_state_dict(
+        load_file(folder / "module_weights.safetensors"), strict=False
+    )
+    assert not unexpected and all(name.startswith("model.") for name in missing)
+    return rebuilt.eval()
+
+
+IDS = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def test_merged_export_of_a_whole_module_saves_the_head_beside_the_merged_encoder(tmp_path):
+    lit = _adapted_classifier()
+    result = export_merged(lit, tmp_path / "merged")
+    assert "classifier" in result.note
+    rebuilt = _rebuilt_from_merged(tmp_path / "merged")
+    assert not any(adapter_modules(rebuilt))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(IDS), lit(IDS), atol=1e-5, rtol=0)
+
+
+def test_merged_export_of_a_whole_module_checkpoint_takes_the_models_attribute_as_root(tmp_path):
+    lit = _adapted_classifier(tmp_path / "a.ckpt")
+    PooledClassifier().model.save_pretrained(tmp_path / "base")  # the same seed: the base lit was built on
+    with pytest.raises(ValueError, match="pass root= the attribute holding the"):
+        export_merged(tmp_path / "a.ckpt", tmp_path / "no", base=tmp_path / "base")
+    export_merged(tmp_path / "a.ckpt", tmp_path / "merged", base=tmp_path / "base", root="model")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _rebuilt_from_merged(tmp_path / "merged")(IDS), lit(IDS), atol=1e-5, rtol=0
+        )

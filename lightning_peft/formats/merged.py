@@ -7,18 +7,21 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_peft.callbacks.peft import _APPLIED_ATTR
 from lightning_peft.formats.adapter import ExportResult, Progress
 from lightning_peft.formats.checks import check_finite
-from lightning_peft.formats.files import copy_tokenizer, read_json, staged_directory
+from lightning_peft.formats.files import copy_tokenizer, read_json, staged_directory, write_safetensors
 from lightning_peft.formats.source import adapted_module, source_from_checkpoint
 from lightning_peft.strategies.base import MergeableAdapter, PEFTStrategy, adapter_modules
 from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.quantized import dequantized_linear, quantized_kind
 from lightning_peft.strategies.state import load_trainable_state_dict, trainable_names, trainable_state_dict
 from lightning_peft.strategies.targeting import replace_module
+
+MODULE_WEIGHTS = "module_weights.safetensors"  # what trained beside the transformers model (a head)
 
 
 def export_merged(
@@ -30,6 +33,7 @@ def export_merged(
     overwrite: bool = False,
     progress: Progress | None = None,
     allow_non_finite: bool = False,
+    root: str | None = None,
 ) -> ExportResult:
     """Write a full transformers model with the adapters merged in, loadable with ``from_pretrained``.
 
@@ -37,6 +41,11 @@ def export_merged(
     ones; modules trained whole (``modules_to_save``) take their trained weights. Bottleneck adapters,
     prompt and prefix tuning cannot be merged: a ``ValueError`` says so. An adapted module is copied
     first, so it is left as it is.
+
+    When a whole LightningModule was adapted and modules beside its transformers model trained (a
+    classifier head), their weights go to ``module_weights.safetensors`` in the same folder, keyed as in
+    the LightningModule's ``state_dict`` (``classifier.weight``): build the module around the merged model
+    and ``module.load_state_dict(load_file(...), strict=False)``.
 
     Args:
         source: an adapted module (or a LightningModule the ``PEFT`` callback adapted), or a checkpoint
@@ -49,6 +58,8 @@ def export_merged(
         overwrite: replace an existing ``out_dir``, if it is a folder that an export wrote.
         progress: called with a line of text for each step.
         allow_non_finite: merge adapters that hold NaN or infinity (refused by default, naming them).
+        root: for a checkpoint of a whole adapted LightningModule (``PEFT(module=None)``) and a ``base``
+            folder: the attribute of the LightningModule that holds the transformers model (``"model"``).
 
     Example::
 
@@ -59,7 +70,7 @@ def export_merged(
     if isinstance(source, nn.Module):
         if base is not None:
             raise ValueError("base= is for checkpoint sources; an adapted module is its own base")
-        model = _copy_of_adapted_model(source)
+        model, beside = _copy_of_adapted_model(source)
         tokenizer = tokenizer if tokenizer is not None else getattr(source, "tokenizer", None)
     else:
         if base is None:
@@ -67,20 +78,34 @@ def export_merged(
         say(f"reading {source}")
         adapter = source_from_checkpoint(source)
         check_finite(adapter.tensors, str(source), allow_non_finite)
+        if adapter.whole_lightning_module and root is None and not isinstance(base, nn.Module):
+            raise ValueError(
+                f"{source} adapted a whole LightningModule (PEFT(module=None)), so its names start at the "
+                "LightningModule, not at the model in the base folder: pass root= the attribute holding the "
+                "transformers model (--root model), or base= an instance of that LightningModule"
+            )
         model = _load_base(base, say)
+        if root is not None:
+            if not adapter.whole_lightning_module:
+                raise ValueError(
+                    f"root={root!r} is for checkpoints of a whole adapted LightningModule; this one adapted "
+                    f"{adapter.module!r}, whose base is the model itself"
+                )
+            model = _lightning_module_stand_in(model, root, adapter.tensors)
         say(f"applying {type(adapter.strategy).__name__} and loading {len(adapter.tensors)} tensors")
         adapter.strategy.apply(model)
         try:
             load_trainable_state_dict(model, adapter.tensors, source=str(source))
         except ValueError as err:
             hint = ""
-            if adapter.whole_lightning_module:
+            if adapter.whole_lightning_module and root is None:
                 hint = (
-                    "\n(the checkpoint adapted a whole LightningModule, PEFT(module=None): pass base= an "
-                    "instance of that LightningModule, or train with PEFT(module='model'))"
+                    "\n(the checkpoint adapted a whole LightningModule, PEFT(module=None): pass root= the "
+                    "attribute holding the transformers model (--root model), or base= an instance of that "
+                    "LightningModule)"
                 )
             raise ValueError(f"{err}{hint}") from err
-        model = _copy_of_adapted_model(model, copy_model=False)
+        model, beside = _copy_of_adapted_model(model, copy_model=False)
         if tokenizer is None and not isinstance(base, nn.Module):
             tokenizer = base
     active = sum(1 for _, m in adapter_modules(model) if getattr(m, "enabled", True))
@@ -90,7 +115,15 @@ def export_merged(
     with staged_directory(out_dir, overwrite) as staged:
         model.save_pretrained(str(staged), safe_serialization=True)
         copied = copy_tokenizer(tokenizer, staged)
+        if beside:
+            write_safetensors(beside, staged / MODULE_WEIGHTS)
     note = "tokenizer saved" if copied else "no tokenizer found; none saved"
+    if beside:
+        modules = sorted({name.rpartition(".")[0] for name in beside})
+        note += (
+            f"; {len(beside)} trained tensors beside the transformers model ({', '.join(modules[:6])}) saved in "
+            f"{MODULE_WEIGHTS}, keyed as in the LightningModule"
+        )
     return ExportResult(Path(out_dir), "merged", len(model.state_dict()), note)
 
 
@@ -158,8 +191,39 @@ def _remove_adapters(model: nn.Module, only_disabled: bool = False) -> None:
             delattr(model.get_submodule(parent) if parent else model, child)
 
 
-def _copy_of_adapted_model(source: nn.Module, copy_model: bool = True) -> nn.Module:
-    """The Hugging Face model inside ``source`` that holds all its adapters (a copy, unless told)."""
+def _lightning_module_stand_in(model: nn.Module, root: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A module with ``model`` at ``root`` and, for the checkpoint's tensors outside it (a head), modules
+    holding parameters of their shapes: the strategy of a whole LightningModule applies to it as it did
+    to the LightningModule, without the LightningModule's code."""
+    stand_in = nn.Module()
+    parent, _, attribute = root.rpartition(".")
+    _module_at(stand_in, parent).add_module(attribute, model)
+    for name, value in tensors.items():
+        if name.startswith(root + "."):
+            continue
+        path, _, leaf = name.replace(".trained.", ".").rpartition(".")  # a module trained whole: its own name
+        holder = _module_at(stand_in, path)
+        if leaf not in holder._parameters:
+            holder.register_parameter(leaf, nn.Parameter(torch.zeros_like(value)))
+    return stand_in
+
+
+def _module_at(top: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path``, creating empty modules where there are none."""
+    module = top
+    for part in path.split(".") if path else []:
+        if part not in module._modules:
+            module.add_module(part, nn.Module())
+        module = module._modules[part]
+    return module
+
+
+def _copy_of_adapted_model(
+    source: nn.Module, copy_model: bool = True
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The Hugging Face model inside ``source`` that holds all its adapters (a copy, unless told), and
+    the trained tensors beside it (a head), keyed as in ``source`` with the trained weights of modules
+    trained whole under the module's own name."""
     from transformers import PreTrainedModel
 
     _, adapted, _ = adapted_module(source)
@@ -170,19 +234,28 @@ def _copy_of_adapted_model(source: nn.Module, copy_model: bool = True) -> nn.Mod
         )
     path, model = found[0]
     prefix = f"{path}." if path else ""
-    outside = [n for n, _ in adapter_modules(adapted) if not (n + ".").startswith(prefix)]
+    outside = [
+        n
+        for n, m in adapter_modules(adapted)
+        if not (n + ".").startswith(prefix) and not isinstance(m, ModuleToSave)  # a head: saved beside
+    ]
     if outside:
         raise ValueError(
             f"adapters outside the transformers model {path or type(model).__name__!r} cannot be saved in its "
             f"folder: {', '.join(outside[:6])}"
         )
-    others = [n for n in trainable_names(adapted) if not n.startswith(prefix)]
-    if others:
-        warnings.warn(
-            f"trainable tensors outside the transformers model are not saved: {', '.join(others[:6])}",
-            stacklevel=3,
-        )
-    return copy.deepcopy(model) if copy_model else model
+    beside: dict[str, torch.Tensor] = {}
+    wrapped = []
+    for name, module in adapted.named_modules():
+        if isinstance(module, ModuleToSave) and not (name + ".").startswith(prefix):
+            active = module.trained if module.enabled else module.original
+            beside |= {f"{name}.{k}": v.detach().cpu().clone() for k, v in active.state_dict().items()}
+            wrapped.append(name + ".")
+    state = adapted.state_dict()
+    for name in trainable_names(adapted):
+        if not name.startswith(prefix) and not name.startswith(tuple(wrapped)):
+            beside[name] = state[name].detach().cpu().clone()
+    return (copy.deepcopy(model) if copy_model else model), beside
 
 
 def _load_base(base: str | Path | nn.Module, say: Any) -> nn.Module:
