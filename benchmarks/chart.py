@@ -31,13 +31,13 @@ def chart(results: dict) -> bytes:
     return render_bars(title, groups, SERIES, reference=1.0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("results", help="JSON written by step_time.py --json")
     parser.add_argument("png", help="where to write the chart")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     Path(args.png).write_bytes(chart(json.loads(Path(args.results).read_text())))
     print(f"wrote {args.png}")
 

@@ -74,17 +74,19 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="hidden 512, intermediate 1376")
+    parser.add_argument("--tiny", action="store_true", help="hidden 64, vocab 128, 16 tokens (tests)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    hidden, intermediate = (64, 128) if args.tiny else (512, 1376) if args.quick else (2048, 5504)
     shape = argparse.Namespace(
-        hidden=512 if args.quick else 2048,
-        intermediate=1376 if args.quick else 5504,
+        hidden=hidden,
+        intermediate=intermediate,
         layers=2,
-        vocab=8000,
-        seq=128,
+        vocab=128 if args.tiny else 8000,
+        seq=16 if args.tiny else 128,
         dtype=torch.float32,
     )
     torch.set_num_threads(args.threads)

@@ -98,10 +98,6 @@ def load_from_checkpoint(
 
     checkpoint = read_checkpoint(checkpoint_path, map_location, weights_only)
     meta = checkpoint_entry(checkpoint, CHECKPOINT_KEY, str(checkpoint_path))
-    if meta is None:  # weights-only checkpoints: the record is in the state dict's own metadata
-        meta = (
-            (getattr(checkpoint.get("state_dict"), "_metadata", None) or {}).get("", {}).get(CHECKPOINT_KEY)
-        )
     if meta is None:
         raise ValueError(
             f"{checkpoint_path} was not written with the PEFT callback (no {CHECKPOINT_KEY!r} entry); "

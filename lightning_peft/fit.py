@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,27 @@ log = logging.getLogger(__name__)
 SWEEP_FAILURES: list[str] = []  # the jobs of the last -m sweep that failed (SweepSummary fills it)
 
 
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """Hydra's ``instantiate``, with a bad value reported as the constructor's own error.
+
+    Hydra wraps what a constructor raises in an ``InstantiationException`` that shows the error's repr,
+    which prints the line breaks of our multi-problem messages as a literal ``\\n``.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if type(cause) not in (ValueError, TypeError):
+            raise
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        raise type(cause)(f"{target}: {cause}" if target else str(cause)) from None
+
+
 def build_callbacks(cfg: DictConfig) -> list[Any]:
     """The ``PEFT`` callback first, then every entry of ``callbacks`` and ``schedule`` that is set."""
-    from hydra.utils import instantiate
-
     from lightning_peft import PEFT
 
     strategy = instantiate(_strategy_node(cfg), _convert_="all")
@@ -160,7 +178,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     The adapter is exported from the best checkpoint when a ``ModelCheckpoint`` monitors a metric,
     otherwise from ``checkpoints/last-adapter.ckpt``; only rank 0 exports, after every rank is done."""
-    from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -194,7 +211,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     # fixed now: processes that ddp_spawn starts get this logger, with its version, and log there
     log_dir = Path(trainer.logger.log_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    with warnings.catch_warnings():
+        # lightning <= 2.6.6 calls a torch pytree API that torch 2.13 deprecates, on every batch
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if not trainer.is_global_zero:
@@ -305,6 +325,7 @@ def main(cfg: DictConfig) -> float | None:
     jobs run and the summary lists it; a single run raises as usual."""
     from hydra.types import RunMode
 
+    _print_each_log_line_once()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     key = cfg.get("optimized_metric")
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -320,6 +341,20 @@ def main(cfg: DictConfig) -> float | None:
         write_text(out / "failed.json", json_text(record, indent=2) + "\n")
         return float("nan") if key else None  # Optuna records a NaN trial as failed and goes on
     return metrics.get(key) if key else None
+
+
+def _print_each_log_line_once() -> None:
+    """Leave Lightning's log lines to the handlers Hydra set up (the console and the run's log file).
+
+    ``import lightning`` gives the ``lightning`` logger a console handler of its own, and its records also
+    propagate to the root logger that Hydra configures: without this every line would print twice.
+    """
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # Lightning's own console handler, not a file
+                logger.removeHandler(handler)
+        logger.propagate = True
 
 
 class SweepSummary(HydraCallback):

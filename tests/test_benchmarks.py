@@ -96,3 +96,71 @@ def test_the_flop_floor_counts_the_skipped_input_gradients(runs: dict[str, dict]
 def test_every_benchmark_script_imports(script: str) -> None:
     module = importlib.import_module(script)
     assert callable(getattr(module, "main", None)), f"benchmarks/{script}.py has no main()"
+
+
+# ---------------------------------------------------------------- every other script, to the end, tiny
+
+
+def test_method_table_prints_a_row_per_method_with_the_counts_of_the_readme(capsys) -> None:
+    import method_table
+
+    method_table.main()
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(method_table.METHODS)
+    # the README's table: LoRA r=8 on every linear layer of MiniLM, IA3's defaults, 20 virtual tokens
+    assert "| `LoRA(r=8)` | 337,920 |" in out
+    assert "| `IA3()` | 16,128 |" in out
+    assert "| `PromptTuning(num_virtual_tokens=20)` | 7,680 |" in out
+    assert "| `PrefixTuning(num_virtual_tokens=20)` | 92,160 |" in out
+
+
+def test_inference_benchmark_runs_and_its_variants_agree(tmp_path: Path) -> None:
+    import inference
+
+    out = tmp_path / "inference.json"
+    inference.main(["--tiny", "--rounds", "1", "--warmup", "0", "--threads", "1", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["settings"]["hidden"] == 64
+    rows = {row["model"]: row for row in record["rows"]}
+    assert set(rows) == {"base", "merged", "unwrapped", "unmerged", "peft-unmerged", "peft-merged"}
+    assert all(len(row["times_s"]) == 1 for row in rows.values())
+    # the merged and unwrapped models compute what the unmerged adapter computes
+    assert all(row["max_abs_diff"] < 1e-4 for row in rows.values() if row["model"] != "base")
+
+
+def test_qlora_memory_benchmark_reports_4_bit_under_8_bit_storage(capsys) -> None:
+    import qlora_memory
+
+    qlora_memory.main(["--hidden", "64", "--intermediate", "128", "--vocab", "128", "--tokens", "8"])
+    rows = [
+        line.split("|")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(("| nf4", "| fp4", "| int8"))
+    ]
+    per_weight = {(row[1].strip(), row[2].strip()): float(row[3]) for row in rows}
+    assert len(per_weight) == 5
+    # 4 bits plus a 4-byte absmax per 64 weights = 0.5625 bytes, a little more on such small layers;
+    # int8 about 1 byte
+    assert 0.56 <= per_weight[("nf4", "False")] < 0.6 and 1.0 <= per_weight[("int8", "-")] < 1.1
+
+
+def test_chart_draws_a_png_from_a_step_time_record(runs: dict[str, dict], tmp_path: Path) -> None:
+    import chart
+
+    results = tmp_path / "float32.json"
+    results.write_text(json.dumps(runs["float32"]))
+    chart.main([str(results), str(tmp_path / "chart.png")])
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_plan_memory_benchmark_plans_7b_and_matches_a_measured_step(tmp_path: Path) -> None:
+    import plan_memory
+
+    out = tmp_path / "plan.json"
+    plan_memory.main(["--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["meta_apply"]["all_parameters_on_meta"] is True
+    assert [p["method"] for p in record["plans_7b"][:3]] == ["full", "lora", "qlora"]
+    assert all(0.85 <= row["ratio"] <= 1.15 for row in record["against_measured"])

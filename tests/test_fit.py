@@ -45,6 +45,17 @@ def test_a_run_writes_checkpoint_adapter_and_metrics(single_run):
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
+def test_a_run_prints_each_log_line_once_and_no_warning_it_could_avoid(single_run):
+    _, result = single_run
+    screen = result.stdout + result.stderr
+    # Lightning's own handler and Hydra's both printed every line before
+    for line in ("GPU available: False", "`Trainer.fit` stopped", "LoRA applied to"):
+        assert screen.count(line) == 1, (line, screen[-3000:])
+    assert "LeafSpec" not in screen  # lightning's pytree deprecation, filtered where fit calls it
+    assert "is_gradient_checkpointing" not in screen and "kernels-community" not in screen
+    assert "\\n" not in screen  # errors and tables print real line breaks
+
+
 def test_the_validation_loss_goes_down_over_the_run(single_run):
     run, _ = single_run
     rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
@@ -115,6 +126,7 @@ def test_invalid_values_fail_before_training(tmp_path, overrides, message):
     result = fit(*QUICK, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
+    assert "\\n" not in result.stderr + result.stdout  # each problem on a line of its own, no repr
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert "Epoch 0" not in result.stdout
 

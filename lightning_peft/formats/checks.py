@@ -138,6 +138,10 @@ def strategy_from_record(record: Any, source: str, field: str) -> PEFTStrategy:
 def checkpoint_entry(checkpoint: Mapping[str, Any], key: str, source: str) -> dict[str, Any] | None:
     """The ``lightning_peft`` entry of a checkpoint, checked field by field (None if there is none)."""
     entry = checkpoint.get(key)
+    if (
+        entry is None
+    ):  # a weights-only save: the PEFT callback's hook keeps its record in the state dict's metadata
+        entry = (getattr(checkpoint.get("state_dict"), "_metadata", None) or {}).get("", {}).get(key)
     if entry is None:
         return None
     if not isinstance(entry, dict):
