@@ -145,7 +145,9 @@ class FinalCheckpoint(L.Callback):
         self.path = Path(path)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.path, weights_only=True)
+        # a full save, so that the PEFT callback's on_save_checkpoint records the strategy at the top of
+        # the file as well; the optimizer state it adds is adapter-sized
+        trainer.save_checkpoint(self.path, weights_only=False)
 
 
 def _trainer_strategy(cfg: DictConfig) -> str | None:
