@@ -217,6 +217,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # lightning <= 2.6.6 calls a torch pytree API that torch 2.13 deprecates, on every batch
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if not final.is_file() and trainer.strategy.launcher is None:
+        # resuming a run that had already finished trains nothing and Lightning calls no on_train_end
+        trainer.save_checkpoint(final, weights_only=False)
 
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if not trainer.is_global_zero:

@@ -27,7 +27,8 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_bert, tiny_llama
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPOSITORY = Path(__file__).resolve().parents[1]
+README = REPOSITORY / "README.md"
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip")
 TINY_FIT = ["trainer.max_steps=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false"]
 
@@ -74,6 +75,9 @@ def commands(text: str) -> list[str]:
 
 
 def _tiny(command: str) -> str:
+    # the README runs from the repository root; the scratch folder holds no lightning_peft/ folder of its
+    # own, which `python -m lightning_peft.fit` (DDP's other ranks) would import as an empty namespace
+    command = command.replace("lightning_peft/data/", f"{REPOSITORY / 'lightning_peft' / 'data'}/")
     words = shlex.split(command)
     if words[:2] == ["lightning-peft", "fit"] and "--help" not in words:
         return command + " " + " ".join(TINY_FIT)
@@ -154,9 +158,6 @@ def folder(tmp_path_factory) -> Path:
     from lightning_peft import PEFT, LoRA, export_adapter
 
     root = tmp_path_factory.mktemp("readme")
-    (root / "lightning_peft" / "data").mkdir(parents=True)
-    shipped = Path(__file__).resolve().parents[1] / "lightning_peft" / "data" / "instructions.jsonl"
-    (root / "lightning_peft" / "data" / "instructions.jsonl").write_text(shipped.read_text())
     for base in ("base-model", "path/to/base-model"):
         tiny_llama().save_pretrained(root / base)
 

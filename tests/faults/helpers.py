@@ -6,31 +6,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import nn
+from conftest import VOCAB, tiny_llama  # noqa: F401  (VOCAB is used by the fault tests)
 
 from lightning_peft import PEFT, LoRA
 from lightning_peft.strategies.base import PEFTStrategy
-
-VOCAB = 64
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 class Holder(L.LightningModule):
