@@ -11,6 +11,18 @@ from conftest import VOCAB, tiny_llama  # noqa: F401  (VOCAB is used by the faul
 from lightning_peft import PEFT, LoRA
 from lightning_peft.strategies.base import PEFTStrategy
 
+# a one-block Llama for the Trainer runs of the fault tests (the model=tiny_llama shape, smaller)
+TINY = {
+    "model_type": "llama",
+    "vocab_size": 32,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 32,
+}
+
 
 class Holder(L.LightningModule):
     """A user's module holding a Hugging Face model at ``self.model`` (built from ``seed``)."""

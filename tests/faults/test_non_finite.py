@@ -11,7 +11,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from helpers import Holder, lora, tiny_llama, write_checkpoint
+from helpers import TINY, Holder, lora, tiny_llama, write_checkpoint
 
 from lightning_peft import PEFT, LoRA, export_adapter, export_merged, load_adapter, load_from_checkpoint
 from lightning_peft.formats import merge_and_unwrap
@@ -75,18 +75,6 @@ def test_load_adapter_and_merge_refuse_non_finite_tensors(tmp_path):
         load_adapter(tiny_llama(), tmp_path / "out")
     loaded = load_adapter(tiny_llama(), tmp_path / "out", allow_non_finite=True)
     assert loaded.model.layers[0].self_attn.q_proj.lora_B[0, 0] == float("inf")
-
-
-TINY = {
-    "model_type": "llama",
-    "vocab_size": 32,
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 32,
-}
 
 
 class DivergingLM(CausalLM):

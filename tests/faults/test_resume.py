@@ -12,22 +12,12 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from helpers import TINY
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_peft import PEFT, LoRA
 from lightning_peft.datasets import MultiTaskSequenceData, SequenceData
 from lightning_peft.tasks import CausalLM
-
-TINY = {
-    "model_type": "llama",
-    "vocab_size": 32,
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 32,
-}
 
 
 @pytest.fixture(autouse=True)
