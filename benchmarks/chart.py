@@ -1,6 +1,6 @@
 """The README's chart: step time and saved activations of each method over the frozen-model limit.
 
-Reads the JSON that ``step_time.py --json`` writes and draws a PNG with ``lightning_peft.plotting``
+Reads the JSON that ``step_time.py --json`` writes and draws a PNG with ``lightning_peft.cli.curves``
 (no matplotlib)::
 
     python benchmarks/chart.py benchmarks/results/step_time_cpu_h2048.json benchmarks/results/ratios_cpu_h2048.png
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lightning_peft.plotting import render_bars
+from lightning_peft.cli.curves import render_bars
 
 SERIES = [("step time / limit", (31, 119, 180)), ("saved activations / limit", (255, 127, 14))]
 

@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "TokenAugmentation": "lightning_peft.augment",
+    "TokenAugmentation": "lightning_peft.data.augment",
     "AdapterRegularization": "lightning_peft.callbacks",
     "AdversarialTraining": "lightning_peft.callbacks",
     "CurriculumSchedule": "lightning_peft.callbacks",
@@ -23,14 +23,14 @@ _EXPORTS = {
     "PEFT": "lightning_peft.callbacks",
     "layerwise_param_groups": "lightning_peft.callbacks",
     "TextAugmentation": "lightning_peft.callbacks.augment",
-    "load_from_checkpoint": "lightning_peft.checkpoint",
+    "load_from_checkpoint": "lightning_peft.callbacks.checkpoint",
     "ExportResult": "lightning_peft.formats",
     "export_adapter": "lightning_peft.formats",
     "export_merged": "lightning_peft.formats",
     "load_adapter": "lightning_peft.formats",
     "read_adapter": "lightning_peft.formats",
-    "MultiTaskLoader": "lightning_peft.mixing",
-    "TaskSampler": "lightning_peft.mixing",
+    "MultiTaskLoader": "lightning_peft.data.mixing",
+    "TaskSampler": "lightning_peft.data.mixing",
     "MemoryPlan": "lightning_peft.planning",
     "plan": "lightning_peft.planning",
     "Adapter": "lightning_peft.strategies",
@@ -54,14 +54,13 @@ _EXPORTS = {
     "reset_adapters": "lightning_peft.strategies",
     "set_active_adapters": "lightning_peft.strategies",
     "trainable_state_dict": "lightning_peft.strategies",
-    "ALPACA": "lightning_peft.templates",
-    "CHAT": "lightning_peft.templates",
-    "InstructionCollator": "lightning_peft.templates",
-    "PromptTemplate": "lightning_peft.templates",
+    "ALPACA": "lightning_peft.data.templates",
+    "CHAT": "lightning_peft.data.templates",
+    "InstructionCollator": "lightning_peft.data.templates",
+    "PromptTemplate": "lightning_peft.data.templates",
 }
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
-    from lightning_peft.augment import TokenAugmentation
     from lightning_peft.callbacks import (
         PEFT,
         AdapterRegularization,
@@ -75,9 +74,11 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
         layerwise_param_groups,
     )
     from lightning_peft.callbacks.augment import TextAugmentation
-    from lightning_peft.checkpoint import load_from_checkpoint
+    from lightning_peft.callbacks.checkpoint import load_from_checkpoint
+    from lightning_peft.data.augment import TokenAugmentation
+    from lightning_peft.data.mixing import MultiTaskLoader, TaskSampler
+    from lightning_peft.data.templates import ALPACA, CHAT, InstructionCollator, PromptTemplate
     from lightning_peft.formats import ExportResult, export_adapter, export_merged, load_adapter, read_adapter
-    from lightning_peft.mixing import MultiTaskLoader, TaskSampler
     from lightning_peft.planning import MemoryPlan, plan
     from lightning_peft.strategies import (
         IA3,
@@ -102,7 +103,6 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
         set_active_adapters,
         trainable_state_dict,
     )
-    from lightning_peft.templates import ALPACA, CHAT, InstructionCollator, PromptTemplate
 
 
 def __getattr__(name: str) -> Any:

@@ -100,7 +100,7 @@ def token_ids() -> torch.Tensor:
 @pytest.fixture
 def char_tok():
     """A character-level tokenizer (101 tokens: pad 0, bos 1, eos 2, unk 3) for tiny causal LMs."""
-    from lightning_peft.tokenizer import char_tokenizer
+    from lightning_peft.data.tokenizer import char_tokenizer
 
     return char_tokenizer()
 

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_peft.augment import TokenAugmentation
 from lightning_peft.callbacks.augment import TextAugmentation
-from lightning_peft.datasets import InstructionData
-from lightning_peft.templates import ALPACA, IGNORE_INDEX, InstructionCollator
+from lightning_peft.data.augment import TokenAugmentation
+from lightning_peft.data.datamodules import InstructionData
+from lightning_peft.data.templates import ALPACA, IGNORE_INDEX, InstructionCollator
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 

@@ -17,7 +17,7 @@ import transformers
 from conftest import VOCAB, tiny_llama
 
 from lightning_peft import PEFT, LoRA
-from lightning_peft.cli import main
+from lightning_peft.cli.main import main
 
 
 class CausalLM(L.LightningModule):

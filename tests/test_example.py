@@ -86,7 +86,7 @@ def test_the_default_job_trains_what_the_example_trains_and_writes_the_same_layo
     job = tmp_path / "job"
     short = ["trainer.max_epochs=1", f"data.batch_size={BATCH}", "trainer.enable_progress_bar=false"]
     done = subprocess.run(
-        [sys.executable, "-m", "lightning_peft.cli", "fit", *short, f"hydra.run.dir={job}"],
+        [sys.executable, "-m", "lightning_peft.cli.main", "fit", *short, f"hydra.run.dir={job}"],
         capture_output=True,
         text=True,
         timeout=300,

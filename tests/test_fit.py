@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-FIT = [sys.executable, "-m", "lightning_peft.cli", "fit"]
+FIT = [sys.executable, "-m", "lightning_peft.cli.main", "fit"]
 QUICK = ["model=tiny_llama", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "callbacks=none"]
 # LoRA with the head of the random tiny model trainable too: learns the sequences within two epochs
 EXPERIMENT = ["experiment=tiny_llama_lora", "trainer.enable_progress_bar=false", "callbacks=none"]

@@ -16,8 +16,9 @@ import torch
 from conftest import tiny_char_llama
 
 from lightning_peft import PEFT, LoRA, export_adapter, export_merged
-from lightning_peft.cli import main
-from lightning_peft.generate import (
+from lightning_peft.cli.main import main
+from lightning_peft.data.tokenizer import char_tokenizer
+from lightning_peft.generation.generate import (
     DEFAULT_SETTINGS_FILE,
     GenerationSettings,
     generate,
@@ -25,7 +26,6 @@ from lightning_peft.generate import (
     read_prompts,
     word_token_ids,
 )
-from lightning_peft.tokenizer import char_tokenizer
 
 BASE_TEXT = "the cat sat on the mat. " * 4
 ADAPTER_TEXT = "the dog ran to the log. " * 4
@@ -120,7 +120,7 @@ def test_a_settings_file_builds_the_same_settings_here_and_with_hydra(tmp_path):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    text = '_target_: lightning_peft.generate.GenerationSettings\nmax_new_tokens: 9\nstop_strings: ["\\n"]\n'
+    text = '_target_: lightning_peft.generation.generate.GenerationSettings\nmax_new_tokens: 9\nstop_strings: ["\\n"]\n'
     (tmp_path / "s.yaml").write_text(text)
     ours = GenerationSettings.from_file(tmp_path / "s.yaml", seed=4, top_k=None)
     assert ours == GenerationSettings(max_new_tokens=9, stop_strings=["\n"], seed=4)
@@ -391,7 +391,7 @@ def test_bad_input_exits_with_a_one_line_message(trained, tmp_path, capsys, extr
 
 
 def test_template_formats_plain_and_jsonl_prompts_as_the_model_was_tuned(trained, tmp_path):
-    from lightning_peft.templates import ALPACA
+    from lightning_peft.data.templates import ALPACA
 
     prompts = tmp_path / "records.jsonl"
     records = [{"instruction": "Say it.", "input": "the "}, {"instruction": "Go on."}]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from test_fit import fit
 
-from lightning_peft.cli import main
-from lightning_peft.datasets import toy_instructions
-from lightning_peft.templates import ALPACA
+from lightning_peft.cli.main import main
+from lightning_peft.data.datamodules import toy_instructions
+from lightning_peft.data.templates import ALPACA
 
 
 def test_instruction_tuning_then_generation_with_the_same_template(tmp_path):

@@ -16,6 +16,6 @@ def test_every_public_name_is_in_the_lazy_table_and_resolves():
 
 
 def test_importing_the_package_loads_neither_torch_nor_lightning():
-    code = "import sys, lightning_peft.cli; print('torch' in sys.modules, 'lightning' in sys.modules)"
+    code = "import sys, lightning_peft.cli.main; print('torch' in sys.modules, 'lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

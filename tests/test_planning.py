@@ -167,11 +167,13 @@ def test_load_base_weights_names_missing_and_misshapen_tensors():
         match=r"q_proj.weight has shape \(3, 3\), the model \(128, 128\), model.norm.weight is missing",
     ):
         load_base_weights(model, real)
-    assert torch.equal(model.get_submodule("model.layers.1.mlp.up_proj").weight, before)  # nothing copied
+    after = model.get_submodule("model.layers.1.mlp.up_proj").weight
+    # nothing copied; to_empty leaves arbitrary bytes (NaN among them), so compare the bits
+    assert torch.equal(after.detach().view(torch.int32), before.view(torch.int32))
 
 
 def test_plan_command_prints_the_plans_and_writes_json(tmp_path, capsys):
-    from lightning_peft.cli import main
+    from lightning_peft.cli.main import main
 
     (tmp_path / "config.json").write_text(json.dumps(SMALL))
     out = tmp_path / "plans.json"
@@ -200,7 +202,7 @@ def test_plan_command_prints_the_plans_and_writes_json(tmp_path, capsys):
 
 
 def test_plan_command_refuses_an_unknown_method(tmp_path, capsys):
-    from lightning_peft.cli import main
+    from lightning_peft.cli.main import main
 
     assert main(["plan", str(tmp_path), "--method", "lora,prefix"]) == 2
     assert "choose from full, lora, qlora" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 import struct
 import zlib
 
-from lightning_peft.plotting import COLORS, write_curves
+from lightning_peft.cli.curves import COLORS, write_curves
 
 
 def _decode(png: bytes) -> tuple[int, int, list[bytes]]:
@@ -43,7 +43,7 @@ def test_fit_with_early_stopping_stops_keeps_best_adapter_only_checkpoint_and_wr
 
     run = tmp_path / "run"
     subprocess.run(
-        [sys.executable, "-m", "lightning_peft.cli", "fit", "experiment=tiny_llama_lora",
+        [sys.executable, "-m", "lightning_peft.cli.main", "fit", "experiment=tiny_llama_lora",
          "trainer.enable_progress_bar=false", "callbacks=early_stopping", "trainer.max_epochs=6",
          "callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=100",
          f"hydra.run.dir={run}"],
@@ -61,7 +61,7 @@ def test_fit_with_early_stopping_stops_keeps_best_adapter_only_checkpoint_and_wr
 
 
 def test_bar_lengths_are_proportional_to_the_values():
-    from lightning_peft.plotting import render_bars
+    from lightning_peft.cli.curves import render_bars
 
     blue, orange = (31, 119, 180), (255, 127, 14)
     png = render_bars("T", [("A", [1.0, 2.0]), ("B", [0.5, None])], [("X", blue), ("Y", orange)])

@@ -76,7 +76,7 @@ def commands(text: str) -> list[str]:
 
 def _tiny(command: str) -> str:
     # the README runs from the repository root; the scratch folder holds no lightning_peft/ folder of its
-    # own, which `python -m lightning_peft.fit` (DDP's other ranks) would import as an empty namespace
+    # own, which `python -m lightning_peft.cli.fit` (DDP's other ranks) would import as an empty namespace
     command = command.replace("lightning_peft/data/", f"{REPOSITORY / 'lightning_peft' / 'data'}/")
     words = shlex.split(command)
     if words[:2] == ["lightning-peft", "fit"] and "--help" not in words:
@@ -132,7 +132,7 @@ class TwoStepTrainer(lightning.Trainer):
 def stand_ins(folder: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from lightning_peft.tokenizer import char_tokenizer
+    from lightning_peft.data.tokenizer import char_tokenizer
 
     llama = tiny_llama()
     names = {

@@ -14,16 +14,16 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lightning_peft.datasets import (
+from lightning_peft.data.datamodules import (
     SHIPPED_INSTRUCTIONS,
     TOY_WORDS,
     InstructionData,
     read_jsonl,
     toy_instructions,
 )
-from lightning_peft.tasks import CausalLM
-from lightning_peft.templates import ALPACA, CHAT, IGNORE_INDEX, InstructionCollator, PromptTemplate
-from lightning_peft.tokenizer import char_tokenizer
+from lightning_peft.data.tasks import CausalLM
+from lightning_peft.data.templates import ALPACA, CHAT, IGNORE_INDEX, InstructionCollator, PromptTemplate
+from lightning_peft.data.tokenizer import char_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CHAT_JINJA = (
@@ -152,8 +152,8 @@ def test_the_chat_template_path_splits_at_the_assistants_turn_without_doubling_b
 def test_generation_encodes_a_prompt_as_training_did(template: PromptTemplate) -> None:
     from tokenizers import processors
 
-    from lightning_peft.generate import _prompt_ids
-    from lightning_peft.templates import adds_bos
+    from lightning_peft.data.templates import adds_bos
+    from lightning_peft.generation.generate import _prompt_ids
 
     tok = char_tokenizer(chat_template=CHAT_JINJA)  # its chat template writes <s> itself
     tok._tokenizer.post_processor = processors.TemplateProcessing(

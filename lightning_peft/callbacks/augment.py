@@ -16,11 +16,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_peft.augment import TokenAugmentation
+from lightning_peft.data.augment import TokenAugmentation
 
 
 class TextAugmentation(Callback):
-    """Apply a :class:`~lightning_peft.augment.TokenAugmentation` to every training batch.
+    """Apply a :class:`~lightning_peft.data.augment.TokenAugmentation` to every training batch.
 
     Args:
         augmentation: what to do to a batch (probabilities, protected ids, seed).

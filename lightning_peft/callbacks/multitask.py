@@ -38,13 +38,13 @@ from typing_extensions import override
 
 from lightning_peft.callbacks.model_hooks import is_waiting, stop_waiting, wait_for_model
 from lightning_peft.callbacks.peft import (
-    _APPLIED_ATTR,
+    APPLIED_ATTR,
     PEFT,
     missing_module_error,
     module_path_problems,
     resolve_module,
 )
-from lightning_peft.mixing import MultiTaskLoader
+from lightning_peft.data.mixing import MultiTaskLoader
 from lightning_peft.strategies.base import DEFAULT_ADAPTER, PEFTStrategy, adapter_modules, count_parameters
 from lightning_peft.strategies.compose import as_strategy
 from lightning_peft.strategies.named import adapter_names, add_adapter
@@ -220,7 +220,7 @@ class MultiTaskSchedule(Callback):
         missing = [n for n in self.adapters if n not in adapter_names(target)]
         if not missing or self.strategy is None:
             return True
-        after_peft = getattr(target, _APPLIED_ATTR, None) is not None
+        after_peft = getattr(target, APPLIED_ATTR, None) is not None
         keep = [p for p in target.parameters() if p.requires_grad] if after_peft else []
         for name in missing:
             add_adapter(target, name, self.strategy)

@@ -33,13 +33,10 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_peft.callbacks.model_hooks import is_waiting, stop_waiting, wait_for_model
-from lightning_peft.strategies.base import PEFTStrategy, adapter_modules, count_parameters
+from lightning_peft.formats.checkpoints import CHECKPOINT_KEY, FORMAT_VERSION
+from lightning_peft.strategies.base import APPLIED_ATTR, PEFTStrategy, adapter_modules, count_parameters
 from lightning_peft.strategies.compose import as_strategy
 from lightning_peft.strategies.state import clean_name, config_differences, mismatches, trainable_names
-
-CHECKPOINT_KEY = "lightning_peft"
-FORMAT_VERSION = 1
-_APPLIED_ATTR = "_lightning_peft_config"
 
 
 def resolve_module(pl_module: nn.Module, path: str | None) -> nn.Module | None:
@@ -235,7 +232,7 @@ class PEFT(Callback):
         self.check_checkpoint(pl_module, checkpoint)
 
     def _is_applied(self, pl_module: nn.Module) -> bool:
-        return getattr(resolve_module(pl_module, self.module), _APPLIED_ATTR, None) is not None
+        return getattr(resolve_module(pl_module, self.module), APPLIED_ATTR, None) is not None
 
     @override
     def on_before_backward(
@@ -259,7 +256,7 @@ class PEFT(Callback):
                 raise missing_module_error("PEFT", self.module, pl_module)
             return False
         config = self.strategy.to_config()
-        applied = getattr(target, _APPLIED_ATTR, None)
+        applied = getattr(target, APPLIED_ATTR, None)
         if applied is not None:
             if applied != config:
                 raise ValueError(
@@ -272,7 +269,7 @@ class PEFT(Callback):
         self.strategy.apply(target)
         if self._pretrained is not None:
             self._pretrained.load_into(target)
-        object.__setattr__(target, _APPLIED_ATTR, config)
+        object.__setattr__(target, APPLIED_ATTR, config)
         # the checkpoint holds only the adapters; the check in on_load_checkpoint replaces strict loading
         pl_module.strict_loading = False
         self._shapes = {clean_name(n): tuple(p.shape) for n, p in pl_module.named_parameters()}

@@ -16,7 +16,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_peft.callbacks.peft import _APPLIED_ATTR
 from lightning_peft.formats import peft_layout as hf
 from lightning_peft.formats.checks import check_finite, check_sizes, strategy_from_record
 from lightning_peft.formats.files import (
@@ -29,7 +28,7 @@ from lightning_peft.formats.files import (
     write_safetensors,
 )
 from lightning_peft.formats.source import AdapterSource, source_from_checkpoint, source_from_module
-from lightning_peft.strategies.base import AdapterModule, PEFTStrategy
+from lightning_peft.strategies.base import APPLIED_ATTR, AdapterModule, PEFTStrategy
 from lightning_peft.strategies.ia3 import IA3
 from lightning_peft.strategies.named import (
     adapter_state_dict,
@@ -408,7 +407,7 @@ def load_adapter(
     adapter = read_adapter(path, allow_non_finite)
     if adapter_name is None:
         adapter.strategy.apply(module)
-        object.__setattr__(module, _APPLIED_ATTR, adapter.strategy.to_config())
+        object.__setattr__(module, APPLIED_ATTR, adapter.strategy.to_config())
     else:
         add_adapter(module, adapter_name, adapter.strategy)
     adapter.load_into(module, adapter_name)

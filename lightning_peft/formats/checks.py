@@ -133,34 +133,3 @@ def strategy_from_record(record: Any, source: str, field: str) -> PEFTStrategy:
         return strategy_from_config(record)
     except (TypeError, ValueError, KeyError, AttributeError, ImportError) as err:
         raise ValueError(f"{source}: {field} does not describe a valid strategy: {err}") from err
-
-
-def checkpoint_entry(checkpoint: Mapping[str, Any], key: str, source: str) -> dict[str, Any] | None:
-    """The ``lightning_peft`` entry of a checkpoint, checked field by field (None if there is none)."""
-    entry = checkpoint.get(key)
-    if (
-        entry is None
-    ):  # a weights-only save: the PEFT callback's hook keeps its record in the state dict's metadata
-        entry = (getattr(checkpoint.get("state_dict"), "_metadata", None) or {}).get("", {}).get(key)
-    if entry is None:
-        return None
-    if not isinstance(entry, dict):
-        raise ValueError(f"{source}: checkpoint[{key!r}] must be a dict, got {type(entry).__name__}")
-    problems = []
-    if not isinstance(entry.get("strategy"), dict):
-        problems.append(f"'strategy' must be a dict, got {type(entry.get('strategy')).__name__}")
-    module = entry.get("module")
-    if module is not None and not (isinstance(module, str) and all(module.split("."))):
-        problems.append(f"'module' must be None or a dotted attribute path, got {module!r}")
-    trainable = entry.get("trainable", {})
-    if not isinstance(trainable, dict) or not all(
-        isinstance(v, list | tuple) and all(isinstance(d, int) and d >= 0 for d in v)
-        for v in trainable.values()
-    ):
-        problems.append("'trainable' must map tensor names to shapes (lists of sizes)")
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        problems.append("'state_dict' must map names to tensors")
-    if problems:
-        raise ValueError(f"{source}: checkpoint[{key!r}] is malformed:\n  - " + "\n  - ".join(problems))
-    return entry

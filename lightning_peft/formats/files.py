@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from lightning_peft.checkpoint import read_checkpoint, verify_zip
+from lightning_peft.formats.checkpoints import verify_zip
 
 # files that make up a Hugging Face tokenizer (fast, slow and sentencepiece ones, chat templates)
 TOKENIZER_FILES = (
@@ -392,16 +392,6 @@ def write_text_staged(path: str | Path, text: str, overwrite: bool = True) -> Pa
 
 def write_json(data: Mapping[str, Any], path: Path) -> None:
     write_text(path, json_text(data, indent=2, sort_keys=True) + "\n")
-
-
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint read with ``weights_only=True``; any unreadable file is a ``ValueError``."""
-    try:
-        return read_checkpoint(path)
-    except FileNotFoundError:
-        raise
-    except OSError as err:  # torch reports some truncated archives as I/O errors
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from err
 
 
 def copy_tokenizer(source: Any, out_dir: Path) -> list[str]:

@@ -10,12 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.callbacks.peft import _APPLIED_ATTR
 from lightning_peft.formats.adapter import ExportResult, Progress
 from lightning_peft.formats.checks import check_finite
 from lightning_peft.formats.files import copy_tokenizer, read_json, staged_directory, write_safetensors
 from lightning_peft.formats.source import adapted_module, source_from_checkpoint
-from lightning_peft.strategies.base import MergeableAdapter, PEFTStrategy, adapter_modules
+from lightning_peft.strategies.base import APPLIED_ATTR, MergeableAdapter, PEFTStrategy, adapter_modules
 from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.quantized import dequantized_linear, quantized_kind
 from lightning_peft.strategies.state import load_trainable_state_dict, trainable_names, trainable_state_dict
@@ -148,8 +147,8 @@ def merge_and_unwrap(model: nn.Module, allow_non_finite: bool = False) -> int:
     _remove_adapters(model)
     _dequantize(model)
     model.requires_grad_(False)
-    if _APPLIED_ATTR in model.__dict__:
-        object.__delattr__(model, _APPLIED_ATTR)
+    if APPLIED_ATTR in model.__dict__:
+        object.__delattr__(model, APPLIED_ATTR)
     return merged
 
 

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.callbacks.peft import _APPLIED_ATTR, CHECKPOINT_KEY
-from lightning_peft.formats.checks import check_sizes, checkpoint_entry, strategy_from_record
-from lightning_peft.formats.files import load_checkpoint_file
+from lightning_peft.formats.checkpoints import CHECKPOINT_KEY, checkpoint_entry, load_checkpoint_file
+from lightning_peft.formats.checks import check_sizes, strategy_from_record
 from lightning_peft.strategies.adapter import _ACTIVATIONS, Adapter, AdapterLayer
 from lightning_peft.strategies.base import (
+    APPLIED_ATTR,
     DEFAULT_ADAPTER,
     PEFTStrategy,
     adapter_modules,
@@ -131,12 +131,12 @@ def source_from_module(model: nn.Module, adapter_name: str | None = None) -> Ada
 def adapted_module(model: nn.Module) -> tuple[str | None, nn.Module, dict[str, Any] | None]:
     """(path, module, recorded strategy config) of the module the ``PEFT`` callback adapted inside
     ``model``; ``model`` itself, with no record, when nothing inside carries one."""
-    marked = [(n, m) for n, m in model.named_modules() if getattr(m, _APPLIED_ATTR, None) is not None]
+    marked = [(n, m) for n, m in model.named_modules() if getattr(m, APPLIED_ATTR, None) is not None]
     if len(marked) > 1:
         raise ValueError(f"several adapted modules inside {type(model).__name__}: {[n for n, _ in marked]}")
     if marked:
         name, module = marked[0]
-        return name or None, module, getattr(module, _APPLIED_ATTR)
+        return name or None, module, getattr(module, APPLIED_ATTR)
     return None, model, None
 
 

@@ -24,6 +24,8 @@ from torch import nn
 from lightning_peft.strategies.transformers_compat import checkpointing_modules
 
 DEFAULT_ADAPTER = "default"
+# set on a module once a strategy was applied to it: the applied strategy's config (makes apply idempotent)
+APPLIED_ATTR = "_lightning_peft_config"
 
 
 @runtime_checkable

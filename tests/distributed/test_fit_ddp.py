@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 CONSOLE_SCRIPT = [
     sys.executable,
     "-c",
-    "import sys; from lightning_peft.cli import main; sys.argv[0] = 'lightning-peft'; sys.exit(main())",
+    "import sys; from lightning_peft.cli.main import main; sys.argv[0] = 'lightning-peft'; sys.exit(main())",
 ]
 TINY = [
     "model=tiny_llama",

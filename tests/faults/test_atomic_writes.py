@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_peft.checkpoint import AtomicCheckpointIO, verify_zip
+from lightning_peft.callbacks.checkpoint import AtomicCheckpointIO
+from lightning_peft.formats.checkpoints import verify_zip
 from lightning_peft.formats.files import read_safetensors
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
@@ -27,9 +28,9 @@ WRITER = """
 import sys
 from pathlib import Path
 import torch
-from lightning_peft.checkpoint import AtomicCheckpointIO
+from lightning_peft.callbacks.checkpoint import AtomicCheckpointIO
 from lightning_peft.formats.files import write_json, write_safetensors
-from lightning_peft.plotting import write_curves
+from lightning_peft.cli.curves import write_curves
 
 out = Path(sys.argv[1])
 io = AtomicCheckpointIO()
@@ -89,7 +90,7 @@ def test_fit_saves_its_checkpoints_through_the_atomic_writer(tmp_path, monkeypat
     import lightning as L
     from hydra import compose, initialize_config_module
 
-    from lightning_peft import fit
+    from lightning_peft.cli import fit
 
     trainers = []
 

@@ -11,7 +11,7 @@ from helpers import Holder, flip_byte, lora, tensor_offset, tiny_llama, write_ch
 from safetensors import safe_open
 
 from lightning_peft import export_adapter, load_adapter, load_from_checkpoint
-from lightning_peft.checkpoint import AtomicCheckpointIO
+from lightning_peft.callbacks.checkpoint import AtomicCheckpointIO
 from lightning_peft.formats.files import CHECKSUM_KEY, read_safetensors
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn

@@ -17,7 +17,7 @@ import torch
 from helpers import lora, tiny_llama, write_checkpoint
 
 from lightning_peft import export_adapter
-from lightning_peft.cli import main as cli
+from lightning_peft.cli.main import main as cli
 from lightning_peft.formats.files import read_safetensors
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn

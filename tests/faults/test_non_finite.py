@@ -14,10 +14,10 @@ import torch
 from helpers import TINY, Holder, lora, tiny_llama, write_checkpoint
 
 from lightning_peft import PEFT, LoRA, export_adapter, export_merged, load_adapter, load_from_checkpoint
+from lightning_peft.cli.curves import render
+from lightning_peft.data.tasks import CausalLM
 from lightning_peft.formats import merge_and_unwrap
 from lightning_peft.formats.files import json_text, read_safetensors
-from lightning_peft.plotting import render
-from lightning_peft.tasks import CausalLM
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
 
@@ -86,7 +86,7 @@ class DivergingLM(CausalLM):
 
 
 def _diverging_fit(tmp_path, **peft):
-    from lightning_peft.datasets import SequenceData
+    from lightning_peft.data.datamodules import SequenceData
 
     module = DivergingLM(config=TINY, lr=0.01)
     trainer = L.Trainer(
@@ -131,7 +131,7 @@ def test_curves_with_nan_values_render_a_gap():
     assert png.startswith(b"\x89PNG") and png.endswith(b"IEND\xaeB`\x82")
 
 
-FIT = [sys.executable, "-m", "lightning_peft.cli", "fit"]
+FIT = [sys.executable, "-m", "lightning_peft.cli.main", "fit"]
 DIVERGING = [
     "model=tiny_llama",
     "model.lr=1e20",

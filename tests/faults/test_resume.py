@@ -16,8 +16,8 @@ from helpers import TINY
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_peft import PEFT, LoRA
-from lightning_peft.datasets import MultiTaskSequenceData, SequenceData
-from lightning_peft.tasks import CausalLM
+from lightning_peft.data.datamodules import MultiTaskSequenceData, SequenceData
+from lightning_peft.data.tasks import CausalLM
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +67,7 @@ def test_a_run_resumed_mid_epoch_has_the_losses_of_an_uninterrupted_one(make_dat
         assert loss == pytest.approx(whole.by_step[step], abs=1e-6), (step, resumed.by_step, whole.by_step)
 
 
-FIT = [sys.executable, "-m", "lightning_peft.cli", "fit"]
+FIT = [sys.executable, "-m", "lightning_peft.cli.main", "fit"]
 QUICK = [
     "model=tiny_llama",
     "trainer.max_epochs=2",

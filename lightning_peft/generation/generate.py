@@ -17,9 +17,9 @@ forced words, seed); :func:`generate` turns prompts into one record per completi
 excludes), ``"eos"`` (the model ended it) or ``"length"`` (``max_new_tokens`` ran out).
 
 The pieces live by what they are, and are importable from here too: the settings in
-:mod:`lightning_peft.generation_settings`, the transformers stopping criterion, logits processor and
-streamer (with how forced words work) in :mod:`lightning_peft.generation_controls`, the command line in
-:mod:`lightning_peft.generate_cli`.
+:mod:`lightning_peft.generation.settings`, the transformers stopping criterion, logits processor and
+streamer (with how forced words work) in :mod:`lightning_peft.generation.controls`, the command line in
+:mod:`lightning_peft.cli.generate`.
 """
 
 from __future__ import annotations
@@ -34,21 +34,21 @@ import torch
 from torch import nn
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from lightning_peft.callbacks.peft import _APPLIED_ATTR
+from lightning_peft.data.templates import adds_bos, prompt_ids
 from lightning_peft.formats.adapter import load_adapter
 from lightning_peft.formats.checks import check_finite
 from lightning_peft.formats.files import TOKENIZER_FILES, read_json, write_text_staged
 from lightning_peft.formats.source import source_from_checkpoint
-from lightning_peft.generation_controls import (
+from lightning_peft.generation.controls import (
     CompletionStreamer,
     ForceWords,
     StopAtStrings,
     find_stop,
     word_token_ids,
 )
-from lightning_peft.generation_settings import DEFAULT_SETTINGS_FILE, GenerationSettings, read_settings_file
+from lightning_peft.generation.settings import DEFAULT_SETTINGS_FILE, GenerationSettings, read_settings_file
+from lightning_peft.strategies.base import APPLIED_ATTR
 from lightning_peft.strategies.state import load_trainable_state_dict
-from lightning_peft.templates import adds_bos, prompt_ids
 
 __all__ = [
     "DEFAULT_SETTINGS_FILE",
@@ -153,7 +153,7 @@ def _load_checkpoint(model: nn.Module, path: str | Path) -> None:
             f"{err} (the checkpoint adapted a whole LightningModule, PEFT(module=None), so its names are not "
             "those of the model; export its adapter with --root, or train with PEFT(module='model'))"
         ) from err
-    object.__setattr__(model, _APPLIED_ATTR, source.strategy.to_config())
+    object.__setattr__(model, APPLIED_ATTR, source.strategy.to_config())
 
 
 # ------------------------------------------------------------------------------------------- prompts

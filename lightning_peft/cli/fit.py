@@ -183,7 +183,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.io import CheckpointIO
 
-    from lightning_peft.checkpoint import AtomicCheckpointIO
+    from lightning_peft.callbacks.checkpoint import AtomicCheckpointIO
 
     out = (
         Path(HydraConfig.get().runtime.output_dir)
@@ -268,7 +268,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # training curves next to metrics.json, drawn from Lightning's CSV log
     csv_log = log_dir / "metrics.csv"
     if csv_log.is_file():
-        from lightning_peft.plotting import write_curves
+        from lightning_peft.cli.curves import write_curves
 
         log.info("wrote %s", write_curves(csv_log, out / "curves.png"))
     return metrics
@@ -322,7 +322,7 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://lightning_peft.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra's entry point. Returns ``cfg.optimized_metric`` for sweepers (Optuna) that minimise it.
 

@@ -182,7 +182,7 @@ class PromptTemplate:
             )
 
 
-TEMPLATE_DIR = Path(__file__).parent / "conf" / "template"
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "conf" / "template"
 
 
 def load_template(name_or_path: str | Path) -> PromptTemplate:
@@ -195,7 +195,7 @@ def load_template(name_or_path: str | Path) -> PromptTemplate:
 
         load_template("alpaca").prompt_text({"instruction": "Uppercase the word.", "input": "cat"})
     """
-    from lightning_peft.generation_settings import read_settings_file
+    from lightning_peft.generation.settings import read_settings_file
 
     path = Path(name_or_path)
     if not path.is_file():

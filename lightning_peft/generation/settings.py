@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SETTINGS_FILE = Path(__file__).resolve().parent / "conf" / "generation.yaml"
+DEFAULT_SETTINGS_FILE = Path(__file__).resolve().parent.parent / "conf" / "generation.yaml"
 
 
 @dataclass
@@ -114,7 +114,7 @@ class GenerationSettings:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> GenerationSettings:
         """Settings from a mapping; unknown keys are an error that lists the known ones. A ``_target_``
-        key (Hydra's) is ignored, so a YAML file with ``_target_: lightning_peft.generate.GenerationSettings``
+        key (Hydra's) is ignored, so a YAML file with ``_target_: lightning_peft.generation.generate.GenerationSettings``
         loads here and with ``hydra.utils.instantiate`` alike."""
         known = [f.name for f in fields(cls)]
         unknown = sorted(k for k in values if k not in known and k != "_target_")

@@ -1,7 +1,7 @@
 """The ``lightning-peft generate`` command: its arguments and what it runs.
 
 Nothing heavy is imported here: ``lightning-peft --help`` builds this parser, and torch and transformers
-(:mod:`lightning_peft.generate`) load only when the command runs with arguments that make sense.
+(:mod:`lightning_peft.generation.generate`) load only when the command runs with arguments that make sense.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from lightning_peft.generation_settings import DEFAULT_SETTINGS_FILE, GenerationSettings
+from lightning_peft.cli.common import EXIT_OK, UsageError, progress
+from lightning_peft.generation.settings import DEFAULT_SETTINGS_FILE, GenerationSettings
 
 GENERATE_DESCRIPTION = """\
 Generate text, offline, with a whole model folder (--model, e.g. `export --merged` output), a base
@@ -110,7 +111,6 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from lightning_peft.cli import EXIT_OK, UsageError, _progress  # the command line imports this module
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.model and (args.base or args.adapter or args.checkpoint):
@@ -142,8 +142,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.prompts and not Path(args.prompts).is_file():
         raise FileNotFoundError(f"no prompt file at {args.prompts}")
     # torch and transformers load only now, once the arguments make sense
-    from lightning_peft.generate import generate, load_for_generation, read_prompts, write_jsonl
-    from lightning_peft.templates import load_template
+    from lightning_peft.data.templates import load_template
+    from lightning_peft.generation.generate import generate, load_for_generation, read_prompts, write_jsonl
 
     try:
         template = load_template(args.template) if args.template else None
@@ -152,7 +152,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if not settings.do_sample and any(
         getattr(args, k) is not None for k in ("temperature", "top_p", "top_k")
     ):
-        _progress("note: --temperature, --top-p and --top-k apply only with --do-sample")
+        progress("note: --temperature, --top-p and --top-k apply only with --do-sample")
     model, tokenizer = load_for_generation(
         args.model,
         base=args.base,
@@ -160,7 +160,7 @@ def run_generate(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         tokenizer=args.tokenizer,
         device=args.device,
-        progress=_progress,
+        progress=progress,
     )
     if template is None:
         prompts = read_prompts(args.prompts) if args.prompts else inline
@@ -174,14 +174,14 @@ def run_generate(args: argparse.Namespace) -> int:
         else:
             lines = read_prompts(args.prompts) if args.prompts else inline
             prompts = [fill({"instruction": line, "input": ""}) for line in lines]
-    _progress(f"generating {len(prompts)} prompt{'s' * (len(prompts) != 1)}")
+    progress(f"generating {len(prompts)} prompt{'s' * (len(prompts) != 1)}")
     records = generate(model, tokenizer, prompts, settings, stream=sys.stdout if stream else None)
     if not stream and not args.jsonl:
         for record in records:
             print(record["completion"])
     if args.jsonl:
         write_jsonl(records, args.jsonl, overwrite=args.overwrite)
-        _progress(f"wrote {len(records)} completions to {args.jsonl}")
+        progress(f"wrote {len(records)} completions to {args.jsonl}")
     return EXIT_OK
 
 

@@ -1,7 +1,7 @@
 """Small data modules for the ``lightning-peft fit`` entry point: a shipped CSV and generated sequences.
 
 Nothing is downloaded: the intent set ships inside the package (``lightning_peft/data/``) and the
-sequence task is generated from a seed. Training loaders are :class:`~lightning_peft.loaders.ResumableDataLoader`
+sequence task is generated from a seed. Training loaders are :class:`~lightning_peft.data.loaders.ResumableDataLoader`
 with a seeded order, so a run resumed from a mid-epoch checkpoint sees the same batches as one that was
 never interrupted.
 """
@@ -16,12 +16,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_peft.augment import TokenAugmentation
-from lightning_peft.loaders import ResumableDataLoader, SeededSampler
+from lightning_peft.data.augment import TokenAugmentation
+from lightning_peft.data.loaders import ResumableDataLoader, SeededSampler
+from lightning_peft.data.templates import ALPACA, InstructionCollator, PromptTemplate
 from lightning_peft.strategies.targeting import validation_error
-from lightning_peft.templates import ALPACA, InstructionCollator, PromptTemplate
 
-SHIPPED_CSV = Path(__file__).resolve().parent / "data" / "support_intents.csv"
+SHIPPED_CSV = Path(__file__).resolve().parent / "support_intents.csv"
 
 
 class TextClassificationData(L.LightningDataModule):
@@ -56,7 +56,7 @@ class TextClassificationData(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         from transformers import AutoTokenizer
 
-        from lightning_peft.tasks import default_pretrained
+        from lightning_peft.data.tasks import default_pretrained
 
         with self.path.open(newline="") as f:
             rows = list(csv.DictReader(f))
@@ -166,7 +166,7 @@ class MultiTaskSequenceData(SequenceData):
         self.val = {t: self._make(h.val_size, h.seed + 1, step) for t, step in self.TASKS.items()}
 
     def train_dataloader(self):
-        from lightning_peft.mixing import MultiTaskLoader
+        from lightning_peft.data.mixing import MultiTaskLoader
 
         loaders = {
             t: ResumableDataLoader(
@@ -182,7 +182,7 @@ class MultiTaskSequenceData(SequenceData):
         return {t: DataLoader(d, batch_size=self.hparams.batch_size) for t, d in self.val.items()}
 
 
-SHIPPED_INSTRUCTIONS = Path(__file__).resolve().parent / "data" / "instructions.jsonl"
+SHIPPED_INSTRUCTIONS = Path(__file__).resolve().parent / "instructions.jsonl"
 TOY_TASKS = {
     "Uppercase the word.": str.upper,
     "Reverse the word.": lambda word: word[::-1],
@@ -231,9 +231,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 class InstructionData(L.LightningDataModule):
-    """Instruction records formatted by a :class:`~lightning_peft.templates.PromptTemplate` for a causal LM.
+    """Instruction records formatted by a :class:`~lightning_peft.data.templates.PromptTemplate` for a causal LM.
 
-    Batches come from an :class:`~lightning_peft.templates.InstructionCollator`: the loss covers the
+    Batches come from an :class:`~lightning_peft.data.templates.InstructionCollator`: the loss covers the
     response only. An ``augmentation`` edits the prompts of training batches (never the response, never
     a validation batch); its step counter is saved in checkpoints, so a resumed run continues it.
 
@@ -241,8 +241,8 @@ class InstructionData(L.LightningDataModule):
         path: a JSON-lines file of records (``lightning_peft/data/instructions.jsonl`` is a small example);
             None generates ``size`` toy records (uppercase, reverse or repeat a short word) from ``seed``,
             which a tiny character-level Llama learns in under a minute on a CPU (:func:`toy_instructions`).
-        template: formats a record; None is :data:`~lightning_peft.templates.ALPACA`.
-        tokenizer: a local tokenizer folder; None is :func:`~lightning_peft.tokenizer.char_tokenizer`.
+        template: formats a record; None is :data:`~lightning_peft.data.templates.ALPACA`.
+        tokenizer: a local tokenizer folder; None is :func:`~lightning_peft.data.tokenizer.char_tokenizer`.
         chat_template: a Jinja chat template to set on the tokenizer (for ``template.chat``).
         max_length: the longest row in tokens (the prompt is cut from its left to fit).
         val_fraction: the share of records held out for validation, chosen by ``seed``.
@@ -300,7 +300,7 @@ class InstructionData(L.LightningDataModule):
     @staticmethod
     def _load_tokenizer(path: str | None, chat_template: str | None):
         if path is None:
-            from lightning_peft.tokenizer import char_tokenizer
+            from lightning_peft.data.tokenizer import char_tokenizer
 
             return char_tokenizer(chat_template=chat_template)
         from transformers import AutoTokenizer

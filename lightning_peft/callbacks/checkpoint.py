@@ -13,9 +13,6 @@ them when complete (Lightning's own writer goes through ``$TMPDIR`` and copies a
 from __future__ import annotations
 
 import inspect
-import pickle
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,48 +22,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import _APPLIED_ATTR, CHECKPOINT_KEY, resolve_module
+from lightning_peft.callbacks.peft import resolve_module
+from lightning_peft.formats.checkpoints import CHECKPOINT_KEY, checkpoint_entry, read_checkpoint, verify_zip
+from lightning_peft.strategies.base import APPLIED_ATTR
 from lightning_peft.strategies.state import load_trainable_state_dict
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
-
-
-def verify_zip(path: str | Path) -> None:
-    """Raise ``ValueError`` unless ``path`` is a zip archive (``torch.save``'s format) whose every record
-    matches its CRC: ``torch.load`` itself reads corrupt records without noticing."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
-        raise ValueError(
-            f"{path} is not a PyTorch checkpoint (not a readable zip archive: truncated or corrupt, or another "
-            f"kind of file): {err}"
-        ) from err
-    if bad is not None:
-        raise ValueError(
-            f"{path} is corrupt: its record {bad!r} does not match its CRC (changed bytes on disk?)"
-        )
-
-
-def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
-    """``torch.load`` a Lightning checkpoint (tensors and plain data only unless ``weights_only=False``),
-    after :func:`verify_zip`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    verify_zip(path)
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds objects other than tensors and plain data, which are not loaded by default. "
-            f"Pass weights_only=False only for a file you trust. ({err})"
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:  # torch 2.13 reports some truncations as OSError
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'")
-    return checkpoint
 
 
 def load_from_checkpoint(
@@ -89,12 +50,7 @@ def load_from_checkpoint(
 
         model = load_from_checkpoint(MyModule, "epoch=1-step=20.ckpt")
     """
-    from lightning_peft.formats.checks import (
-        check_finite,
-        check_sizes,
-        checkpoint_entry,
-        strategy_from_record,
-    )
+    from lightning_peft.formats.checks import check_finite, check_sizes, strategy_from_record
 
     checkpoint = read_checkpoint(checkpoint_path, map_location, weights_only)
     meta = checkpoint_entry(checkpoint, CHECKPOINT_KEY, str(checkpoint_path))
@@ -127,7 +83,7 @@ def load_from_checkpoint(
             f"{module_cls.__name__} has no submodule {meta.get('module')!r} to load the adapters into"
         )
     strategy.apply(target)
-    object.__setattr__(target, _APPLIED_ATTR, strategy.to_config())
+    object.__setattr__(target, APPLIED_ATTR, strategy.to_config())
     module.strict_loading = False
     load_trainable_state_dict(module, checkpoint["state_dict"], source=str(checkpoint_path))
     return module.eval()

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from lightning_peft.data.templates import IGNORE_INDEX
 from lightning_peft.strategies.targeting import validation_error
-from lightning_peft.templates import IGNORE_INDEX
 
 
 def _ids_from(tokenizer: Any, mask_token_id: Any, pad_token_id: Any, special_token_ids: Any) -> tuple:
