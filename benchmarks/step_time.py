@@ -55,7 +55,7 @@ import transformers  # noqa: E402
 from safetensors.torch import save as safetensors_bytes  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_peft import IA3, Adapter, LoRA, PromptTuning, QLoRA  # noqa: E402
+from lightning_peft import IA3, BottleneckAdapter, LoRA, PromptTuning, QLoRA  # noqa: E402
 from lightning_peft.planning import saved_activation_bytes as count_saved_bytes  # noqa: E402
 from lightning_peft.strategies import LoRALinear  # noqa: E402
 from lightning_peft.strategies.base import count_parameters  # noqa: E402
@@ -140,7 +140,7 @@ def methods(args: argparse.Namespace) -> dict[str, tuple[Callable[[nn.Module], n
         "peft-dora": (_peft(use_dora=True), None),
         "qlora": (_ours(lambda: QLoRA(r=16, lora_alpha=32, compute_dtype=qlora_dtype)), None),
         "ia3": (_ours(lambda: IA3()), None),
-        "adapter": (_ours(lambda: Adapter()), None),
+        "adapter": (_ours(lambda: BottleneckAdapter()), None),
         "prompt": (_ours(lambda: PromptTuning(num_virtual_tokens=20)), None),
         "full": (_full, None),
     }

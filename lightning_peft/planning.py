@@ -203,12 +203,12 @@ def _strategy(method: str, strategy: PEFTStrategy | None, r: int) -> PEFTStrateg
 
 def _quantized_layers(model: nn.Module) -> list[nn.Linear]:
     """What QLoRA's default quantizes: every ``nn.Linear`` but the output head (and the adapters)."""
-    from lightning_peft.strategies.base import AdapterModule
+    from lightning_peft.strategies.base import PEFTLayer
     from lightning_peft.strategies.targeting import output_heads
 
     heads = output_heads(model)
     adapter_owned = {
-        id(p) for m in model.modules() if isinstance(m, AdapterModule) for p in m.parameters(recurse=False)
+        id(p) for m in model.modules() if isinstance(m, PEFTLayer) for p in m.parameters(recurse=False)
     }
     return [
         m

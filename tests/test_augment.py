@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from lightning_peft.callbacks.augment import TextAugmentation
 from lightning_peft.data.augment import TokenAugmentation
 from lightning_peft.data.datamodules import InstructionData
-from lightning_peft.data.templates import ALPACA, IGNORE_INDEX, InstructionCollator
+from lightning_peft.generation.templates import ALPACA, IGNORE_INDEX, InstructionCollator
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 

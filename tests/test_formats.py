@@ -22,7 +22,7 @@ import lightning_peft.formats.peft_layout as hf
 from lightning_peft import (
     IA3,
     PEFT,
-    Adapter,
+    BottleneckAdapter,
     Compose,
     Freeze,
     LoRA,
@@ -349,7 +349,7 @@ def test_peft_from_pretrained_builds_the_strategy_and_loads_the_weights(tmp_path
 
 
 def test_bottleneck_adapter_exports_to_the_lightning_peft_layout_and_loads_back(tmp_path):
-    ours = _perturb(Adapter(reduction_factor=4).apply(tiny_llama())).eval()
+    ours = _perturb(BottleneckAdapter(reduction_factor=4).apply(tiny_llama())).eval()
     result = export_adapter(ours, tmp_path / "out")
     assert (
         result.format == "lightning_peft" and "no equivalent in the Hugging Face PEFT format" in result.note
@@ -360,14 +360,16 @@ def test_bottleneck_adapter_exports_to_the_lightning_peft_layout_and_loads_back(
     ]
     config = json.loads((tmp_path / "out" / "lightning_peft_config.json").read_text())
     assert config["format"] == "lightning_peft" and config["format_version"] == 1
-    assert config["strategy"]["class"] == "lightning_peft.strategies.adapter.Adapter"
+    assert config["strategy"]["class"] == "lightning_peft.strategies.bottleneck.BottleneckAdapter"
     loaded = load_adapter(tiny_llama(), tmp_path / "out").eval()
     torch.testing.assert_close(_outputs(loaded, "adapter"), _outputs(ours, "adapter"), atol=1e-6, rtol=0)
 
 
 def test_format_peft_refuses_what_it_cannot_carry(tmp_path):
-    ours = Adapter(reduction_factor=4).apply(tiny_llama())
-    with pytest.raises(ValueError, match="Adapter has no equivalent in the Hugging Face PEFT format"):
+    ours = BottleneckAdapter(reduction_factor=4).apply(tiny_llama())
+    with pytest.raises(
+        ValueError, match="BottleneckAdapter has no equivalent in the Hugging Face PEFT format"
+    ):
         export_adapter(ours, tmp_path / "out", format="peft")
     assert not (tmp_path / "out").exists()
 
@@ -495,7 +497,9 @@ def test_merged_export_refuses_an_embedding_tied_to_the_output_layer(tmp_path):
         export_merged(ours, tmp_path / "merged")
 
 
-@pytest.mark.parametrize("strategy", [Adapter(reduction_factor=4), PromptTuning(num_virtual_tokens=2)])
+@pytest.mark.parametrize(
+    "strategy", [BottleneckAdapter(reduction_factor=4), PromptTuning(num_virtual_tokens=2)]
+)
 def test_merged_export_refuses_methods_that_cannot_merge(strategy, tmp_path):
     with pytest.raises(ValueError, match="cannot merge .*export the adapter instead"):
         export_merged(strategy.apply(tiny_llama()), tmp_path / "merged")

@@ -391,7 +391,7 @@ def test_bad_input_exits_with_a_one_line_message(trained, tmp_path, capsys, extr
 
 
 def test_template_formats_plain_and_jsonl_prompts_as_the_model_was_tuned(trained, tmp_path):
-    from lightning_peft.data.templates import ALPACA
+    from lightning_peft.generation.templates import ALPACA
 
     prompts = tmp_path / "records.jsonl"
     records = [{"instruction": "Say it.", "input": "the "}, {"instruction": "Go on."}]

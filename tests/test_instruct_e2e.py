@@ -11,7 +11,7 @@ from test_fit import fit
 
 from lightning_peft.cli.main import main
 from lightning_peft.data.datamodules import toy_instructions
-from lightning_peft.data.templates import ALPACA
+from lightning_peft.generation.templates import ALPACA
 
 
 def test_instruction_tuning_then_generation_with_the_same_template(tmp_path):

@@ -21,9 +21,15 @@ from lightning_peft.data.datamodules import (
     read_jsonl,
     toy_instructions,
 )
-from lightning_peft.data.tasks import CausalLM
-from lightning_peft.data.templates import ALPACA, CHAT, IGNORE_INDEX, InstructionCollator, PromptTemplate
 from lightning_peft.data.tokenizer import char_tokenizer
+from lightning_peft.generation.templates import (
+    ALPACA,
+    CHAT,
+    IGNORE_INDEX,
+    InstructionCollator,
+    PromptTemplate,
+)
+from lightning_peft.models.tasks import CausalLM
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CHAT_JINJA = (
@@ -152,8 +158,8 @@ def test_the_chat_template_path_splits_at_the_assistants_turn_without_doubling_b
 def test_generation_encodes_a_prompt_as_training_did(template: PromptTemplate) -> None:
     from tokenizers import processors
 
-    from lightning_peft.data.templates import adds_bos
     from lightning_peft.generation.generate import _prompt_ids
+    from lightning_peft.generation.templates import adds_bos
 
     tok = char_tokenizer(chat_template=CHAT_JINJA)  # its chat template writes <s> itself
     tok._tokenizer.post_processor = processors.TemplateProcessing(

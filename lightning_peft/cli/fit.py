@@ -67,12 +67,12 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
     """The ``PEFT`` callback first, then every entry of ``callbacks`` and ``schedule`` that is set."""
-    from lightning_peft import PEFT
+    from lightning_peft.callbacks.peft import PEFT
 
     strategy = instantiate(_strategy_node(cfg), _convert_="all")
     head = cfg.get("peft_head")
     if head and not _has_field(cfg.peft, "modules_to_save") and not _has_field(cfg.peft, "trainable_modules"):
-        from lightning_peft import Compose, Freeze
+        from lightning_peft.strategies import Compose, Freeze
 
         # prompt and prefix tuning have no modules_to_save: the head beside the model trains through Freeze
         strategy = Compose([strategy, Freeze(trainable_modules=list(head))])
@@ -228,7 +228,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     # read from the file: under ddp_spawn this process's Trainer did not train, so it keeps no step count
     metrics["global_step"] = int(torch.load(final, weights_only=True, map_location="cpu")["global_step"])
-    from lightning_peft import export_adapter
+    from lightning_peft.formats import export_adapter
 
     best = _best_checkpoint(trainer)
     source = best or final
@@ -304,7 +304,8 @@ def _export_merged(module: Any, checkpoint: Path, out: Path, tokenizer: Any) -> 
     that cannot merge (prompt tuning, bottleneck adapters) is reported, not fatal: the adapter is saved.
     The module is built afresh and the exported checkpoint loaded into it, so the merged model is the
     one the adapter holds (under ddp_spawn this process's module never trained)."""
-    from lightning_peft import export_merged, load_from_checkpoint
+    from lightning_peft.callbacks.checkpoint import load_from_checkpoint
+    from lightning_peft.formats import export_merged
 
     try:
         trained = load_from_checkpoint(type(module), checkpoint)

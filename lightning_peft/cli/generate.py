@@ -142,8 +142,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.prompts and not Path(args.prompts).is_file():
         raise FileNotFoundError(f"no prompt file at {args.prompts}")
     # torch and transformers load only now, once the arguments make sense
-    from lightning_peft.data.templates import load_template
     from lightning_peft.generation.generate import generate, load_for_generation, read_prompts, write_jsonl
+    from lightning_peft.generation.templates import load_template
 
     try:
         template = load_template(args.template) if args.template else None

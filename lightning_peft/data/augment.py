@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lightning_peft.data.templates import IGNORE_INDEX
+from lightning_peft.generation.templates import IGNORE_INDEX
 from lightning_peft.strategies.targeting import validation_error
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from lightning_peft.data.augment import TokenAugmentation
 from lightning_peft.data.loaders import ResumableDataLoader, SeededSampler
-from lightning_peft.data.templates import ALPACA, InstructionCollator, PromptTemplate
+from lightning_peft.generation.templates import ALPACA, InstructionCollator, PromptTemplate
 from lightning_peft.strategies.targeting import validation_error
 
 SHIPPED_CSV = Path(__file__).resolve().parent / "support_intents.csv"
@@ -56,7 +56,7 @@ class TextClassificationData(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         from transformers import AutoTokenizer
 
-        from lightning_peft.data.tasks import default_pretrained
+        from lightning_peft.models.tasks import default_pretrained
 
         with self.path.open(newline="") as f:
             rows = list(csv.DictReader(f))
@@ -231,9 +231,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 class InstructionData(L.LightningDataModule):
-    """Instruction records formatted by a :class:`~lightning_peft.data.templates.PromptTemplate` for a causal LM.
+    """Instruction records formatted by a :class:`~lightning_peft.generation.templates.PromptTemplate` for a causal LM.
 
-    Batches come from an :class:`~lightning_peft.data.templates.InstructionCollator`: the loss covers the
+    Batches come from an :class:`~lightning_peft.generation.templates.InstructionCollator`: the loss covers the
     response only. An ``augmentation`` edits the prompts of training batches (never the response, never
     a validation batch); its step counter is saved in checkpoints, so a resumed run continues it.
 
@@ -241,7 +241,7 @@ class InstructionData(L.LightningDataModule):
         path: a JSON-lines file of records (``lightning_peft/data/instructions.jsonl`` is a small example);
             None generates ``size`` toy records (uppercase, reverse or repeat a short word) from ``seed``,
             which a tiny character-level Llama learns in under a minute on a CPU (:func:`toy_instructions`).
-        template: formats a record; None is :data:`~lightning_peft.data.templates.ALPACA`.
+        template: formats a record; None is :data:`~lightning_peft.generation.templates.ALPACA`.
         tokenizer: a local tokenizer folder; None is :func:`~lightning_peft.data.tokenizer.char_tokenizer`.
         chat_template: a Jinja chat template to set on the tokenizer (for ``template.chat``).
         max_length: the longest row in tokens (the prompt is cut from its left to fit).

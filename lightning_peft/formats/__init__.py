@@ -31,7 +31,7 @@ safetensors, or ``torch.load(weights_only=True)``, and turn corrupt files into `
 
 from lightning_peft.formats.adapter import (
     ExportResult,
-    PretrainedAdapter,
+    SavedAdapter,
     export_adapter,
     load_adapter,
     read_adapter,
@@ -42,7 +42,7 @@ from lightning_peft.formats.peft_layout import NotInPeftFormat
 __all__ = [
     "ExportResult",
     "NotInPeftFormat",
-    "PretrainedAdapter",
+    "SavedAdapter",
     "export_adapter",
     "export_merged",
     "load_adapter",

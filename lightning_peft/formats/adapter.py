@@ -28,7 +28,7 @@ from lightning_peft.formats.files import (
     write_safetensors,
 )
 from lightning_peft.formats.source import AdapterSource, source_from_checkpoint, source_from_module
-from lightning_peft.strategies.base import APPLIED_ATTR, AdapterModule, PEFTStrategy
+from lightning_peft.strategies.base import APPLIED_ATTR, PEFTLayer, PEFTStrategy
 from lightning_peft.strategies.ia3 import IA3
 from lightning_peft.strategies.named import (
     adapter_state_dict,
@@ -261,7 +261,7 @@ def _task_heads(facts: dict[str, Any], saved: list[str]) -> tuple[dict[str, torc
     for name, module in model.named_modules():
         # peft picks its heads with a plain str.endswith over module names; so do we
         if name and name.endswith(endings) and not matches(name, saved):
-            if isinstance(module, AdapterModule):
+            if isinstance(module, PEFTLayer):
                 return None, []  # adapted and trained whole at once: peft has no such layer
             tensors |= {f"{name}.{k}": v.detach().cpu() for k, v in module.state_dict().items()}
             names.append(name)
@@ -285,7 +285,7 @@ def _native_files(adapter: AdapterSource, base_path: str | None) -> tuple[dict, 
 
 
 @dataclass
-class PretrainedAdapter:
+class SavedAdapter:
     """An adapter folder read into memory: the strategy that builds it and its tensors (file keys)."""
 
     path: Path
@@ -346,7 +346,7 @@ def _peft_key(name: str, method: PEFTStrategy) -> str:
     return key if key == "prompt_embeddings" else hf.key_prefix(method) + key
 
 
-def read_adapter(path: str | Path, allow_non_finite: bool = False) -> PretrainedAdapter:
+def read_adapter(path: str | Path, allow_non_finite: bool = False) -> SavedAdapter:
     """Read an adapter folder: the Hugging Face PEFT layout, or ours (``lightning_peft_config.json``).
 
     Checked before anything is built: the files are intact (our safetensors carry a checksum), the
@@ -359,7 +359,7 @@ def read_adapter(path: str | Path, allow_non_finite: bool = False) -> Pretrained
     return adapter
 
 
-def _read_adapter(folder: Path) -> PretrainedAdapter:
+def _read_adapter(folder: Path) -> SavedAdapter:
     if not folder.is_dir():
         raise FileNotFoundError(f"no adapter folder at {folder}")
     if (folder / hf.CONFIG_FILE).is_file():
@@ -369,7 +369,7 @@ def _read_adapter(folder: Path) -> PretrainedAdapter:
             weights = folder / "adapter_model.bin"
         tensors = read_weights(weights)
         config = hf.entries_peft_used(config, tensors)
-        return PretrainedAdapter(folder, "peft", hf.strategy_from_peft_config(config, str(folder)), tensors)
+        return SavedAdapter(folder, "peft", hf.strategy_from_peft_config(config, str(folder)), tensors)
     if (folder / NATIVE_CONFIG).is_file():
         config = read_json(folder / NATIVE_CONFIG)
         version = config.get("format_version")
@@ -382,7 +382,7 @@ def _read_adapter(folder: Path) -> PretrainedAdapter:
             )
         tensors = read_safetensors(folder / hf.WEIGHTS_FILE)
         strategy = strategy_from_record(config.get("strategy"), str(folder / NATIVE_CONFIG), "strategy")
-        return PretrainedAdapter(folder, "lightning_peft", strategy, tensors)
+        return SavedAdapter(folder, "lightning_peft", strategy, tensors)
     found = sorted(p.name for p in folder.iterdir())
     raise ValueError(
         f"{folder} holds neither {hf.CONFIG_FILE} nor {NATIVE_CONFIG}; files there: {found or 'none'}"

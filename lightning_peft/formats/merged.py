@@ -14,7 +14,7 @@ from lightning_peft.formats.adapter import ExportResult, Progress
 from lightning_peft.formats.checks import check_finite
 from lightning_peft.formats.files import copy_tokenizer, read_json, staged_directory, write_safetensors
 from lightning_peft.formats.source import adapted_module, source_from_checkpoint
-from lightning_peft.strategies.base import APPLIED_ATTR, MergeableAdapter, PEFTStrategy, adapter_modules
+from lightning_peft.strategies.base import APPLIED_ATTR, MergeableLayer, PEFTStrategy, adapter_modules
 from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.quantized import dequantized_linear, quantized_kind
 from lightning_peft.strategies.state import load_trainable_state_dict, trainable_names, trainable_state_dict
@@ -134,7 +134,7 @@ def merge_and_unwrap(model: nn.Module, allow_non_finite: bool = False) -> int:
     cannot = [
         f"{path or type(model).__name__} ({type(m).__name__})"
         for path, m in adapter_modules(model)
-        if getattr(m, "enabled", True) and not isinstance(m, MergeableAdapter | ModuleToSave)
+        if getattr(m, "enabled", True) and not isinstance(m, MergeableLayer | ModuleToSave)
     ]
     if cannot:
         raise ValueError(

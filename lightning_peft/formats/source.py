@@ -18,7 +18,6 @@ from torch import nn
 
 from lightning_peft.formats.checkpoints import CHECKPOINT_KEY, checkpoint_entry, load_checkpoint_file
 from lightning_peft.formats.checks import check_sizes, strategy_from_record
-from lightning_peft.strategies.adapter import _ACTIVATIONS, Adapter, AdapterLayer
 from lightning_peft.strategies.base import (
     APPLIED_ATTR,
     DEFAULT_ADAPTER,
@@ -27,6 +26,7 @@ from lightning_peft.strategies.base import (
     adapter_parameter_names,
     strategy_from_config,
 )
+from lightning_peft.strategies.bottleneck import ACTIVATIONS, BottleneckAdapter, BottleneckLayer
 from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.freeze import Freeze
 from lightning_peft.strategies.ia3 import IA3, IA3Linear
@@ -170,7 +170,7 @@ def infer_strategy(model: nn.Module, adapter_name: str) -> PEFTStrategy:
             prefix_projection=projection,
             encoder_hidden_size=encoder.transform[0].out_features if projection else None,
         )
-    elif kinds == ["AdapterLayer"]:
+    elif kinds == ["BottleneckLayer"]:
         strategy = _adapter_from_layers(layers, saved)
     else:
         raise ValueError(
@@ -217,8 +217,8 @@ def _lora_bias(model: nn.Module, lora_paths: list[str]) -> str:
     )
 
 
-def _adapter_from_layers(layers: list[tuple[str, nn.Module]], saved: list[str] | None) -> Adapter:
-    names = {cls: name for name, cls in _ACTIVATIONS.items()}
+def _adapter_from_layers(layers: list[tuple[str, nn.Module]], saved: list[str] | None) -> BottleneckAdapter:
+    names = {cls: name for name, cls in ACTIVATIONS.items()}
     settings = {
         (
             m.adapter_up_weight.shape[0] // m.adapter_down_weight.shape[0],
@@ -226,14 +226,14 @@ def _adapter_from_layers(layers: list[tuple[str, nn.Module]], saved: list[str] |
             m.residual,
         )
         for _, m in layers
-        if isinstance(m, AdapterLayer)
+        if isinstance(m, BottleneckLayer)
     }
     if len(settings) > 1:
         raise ValueError(
             "the bottleneck adapters differ in size or activation; export them from a checkpoint"
         )
     ((factor, activation, residual),) = settings
-    return Adapter(
+    return BottleneckAdapter(
         reduction_factor=factor,
         non_linearity=activation,
         residual=residual,

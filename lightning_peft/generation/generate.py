@@ -34,7 +34,6 @@ import torch
 from torch import nn
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from lightning_peft.data.templates import adds_bos, prompt_ids
 from lightning_peft.formats.adapter import load_adapter
 from lightning_peft.formats.checks import check_finite
 from lightning_peft.formats.files import TOKENIZER_FILES, read_json, write_text_staged
@@ -47,6 +46,7 @@ from lightning_peft.generation.controls import (
     word_token_ids,
 )
 from lightning_peft.generation.settings import DEFAULT_SETTINGS_FILE, GenerationSettings, read_settings_file
+from lightning_peft.generation.templates import adds_bos, prompt_ids
 from lightning_peft.strategies.base import APPLIED_ATTR
 from lightning_peft.strategies.state import load_trainable_state_dict
 

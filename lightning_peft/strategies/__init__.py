@@ -1,13 +1,13 @@
 """PEFT methods as pure-PyTorch strategies; nothing here imports Lightning."""
 
-from lightning_peft.strategies.adapter import Adapter, AdapterLayer
 from lightning_peft.strategies.base import (
-    AdapterModule,
+    PEFTLayer,
     PEFTStrategy,
     disable_adapters,
     reset_adapters,
     strategy_from_config,
 )
+from lightning_peft.strategies.bottleneck import BottleneckAdapter, BottleneckLayer
 from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.freeze import Freeze
 from lightning_peft.strategies.ia3 import IA3, IA3Linear
@@ -28,10 +28,10 @@ from lightning_peft.strategies.state import load_base_weights, load_trainable_st
 
 __all__ = [
     "IA3",
-    "Adapter",
-    "AdapterLayer",
+    "BottleneckAdapter",
+    "BottleneckLayer",
     "IA3Linear",
-    "AdapterModule",
+    "PEFTLayer",
     "Compose",
     "Freeze",
     "LoRA",

@@ -1,4 +1,4 @@
-"""What every PEFT method shares: the `PEFTStrategy` contract and the `AdapterModule` protocol.
+"""What every PEFT method shares: the `PEFTStrategy` contract and the `PEFTLayer` protocol.
 
 A strategy is a plain configuration object. ``strategy.apply(model)`` changes ``model`` in place:
 
@@ -6,7 +6,7 @@ A strategy is a plain configuration object. ``strategy.apply(model)`` changes ``
 2. freeze every parameter except the adapters' own and the ones the strategy names
    (``modules_to_save``, biases, the blocks a ``Freeze`` opens up).
 
-Adapter layers are found through the :class:`AdapterModule` protocol (``adapter_params()``), never by
+Adapter layers are found through the :class:`PEFTLayer` protocol (``adapter_params()``), never by
 matching parameter names, so a strategy knows exactly which tensors it owns.
 """
 
@@ -29,7 +29,7 @@ APPLIED_ATTR = "_lightning_peft_config"
 
 
 @runtime_checkable
-class AdapterModule(Protocol):
+class PEFTLayer(Protocol):
     """A module that carries adapter tensors next to (or around) frozen base weights."""
 
     def adapter_params(self) -> list[str]:
@@ -42,7 +42,7 @@ class AdapterModule(Protocol):
 
 
 @runtime_checkable
-class MergeableAdapter(AdapterModule, Protocol):
+class MergeableLayer(PEFTLayer, Protocol):
     merged: bool
 
     def merge(self) -> None: ...
@@ -50,10 +50,10 @@ class MergeableAdapter(AdapterModule, Protocol):
     def unmerge(self) -> None: ...
 
 
-def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:
     """Every adapter module inside ``model``, with its qualified name."""
     for name, module in model.named_modules():
-        if isinstance(module, AdapterModule):
+        if isinstance(module, PEFTLayer):
             yield name, module
 
 
@@ -77,7 +77,7 @@ def merged_stack(layer: nn.Module) -> list[nn.Module]:
 
 def _unmerge_order(modules: list[Any]) -> list[Any]:
     """The merged ones among ``modules``, last merged first (per weight; weights are independent)."""
-    merged = [m for m in modules if isinstance(m, MergeableAdapter) and m.merged]
+    merged = [m for m in modules if isinstance(m, MergeableLayer) and m.merged]
 
     def position(module: Any) -> int:
         stack = merged_stack(module)
@@ -211,7 +211,7 @@ class PEFTStrategy:
         chosen = [
             (name, m)
             for name, m in adapter_modules(model)
-            if isinstance(m, MergeableAdapter) and not m.merged and getattr(m, "enabled", True)
+            if isinstance(m, MergeableLayer) and not m.merged and getattr(m, "enabled", True)
         ]
         shared = _shared_base_weights(model, chosen)
         if shared:
@@ -240,9 +240,16 @@ class PEFTStrategy:
         return cls(**config)
 
 
+# classes that moved or were renamed since 0.1.0: checkpoints and adapter folders written before still load
+_RENAMED = {
+    "lightning_peft.strategies.adapter.Adapter": "lightning_peft.strategies.bottleneck.BottleneckAdapter",
+}
+
+
 def strategy_from_config(data: dict[str, Any]) -> PEFTStrategy:
     """Rebuild a strategy from :meth:`PEFTStrategy.to_config` output."""
     path = data.get("class", "")
+    path = _RENAMED.get(path, path)
     module_name, _, class_name = path.rpartition(".")
     if not module_name.startswith("lightning_peft."):
         raise ValueError(
@@ -270,7 +277,7 @@ def reset_adapters(model: nn.Module) -> int:
         load_base_weights(model, base_state_dict)   # lightning_peft.strategies.state
         reset_adapters(model)
     """
-    layers = [m for m in model.modules() if isinstance(m, AdapterModule) and hasattr(m, "reset_parameters")]
+    layers = [m for m in model.modules() if isinstance(m, PEFTLayer) and hasattr(m, "reset_parameters")]
     for layer in layers:
         layer.reset_parameters()
     return len(layers)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.strategies.base import AdapterModule, merged_stack
+from lightning_peft.strategies.base import PEFTLayer, merged_stack
 from lightning_peft.strategies.lora_autograd import (
     DropoutMask,
     _DoRAScale,
@@ -158,7 +158,7 @@ class _LoRABase(nn.Module):
         """The named adapters this one is stacked on, nearest first."""
         found, module = [], self.base_layer
         while isinstance(module, nn.Module):
-            if isinstance(module, AdapterModule):
+            if isinstance(module, PEFTLayer):
                 found.append(module)
             module = getattr(module, "base_layer", None)
         return found

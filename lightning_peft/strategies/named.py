@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.strategies.base import DEFAULT_ADAPTER, AdapterModule, PEFTStrategy, adapter_modules
+from lightning_peft.strategies.base import DEFAULT_ADAPTER, PEFTLayer, PEFTStrategy, adapter_modules
 from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.state import mismatches
 from lightning_peft.strategies.targeting import replace_module, stacking_adapters
@@ -143,7 +143,7 @@ def _name_of(module: Any) -> str:
     return getattr(module, "adapter_name", DEFAULT_ADAPTER)
 
 
-def _modules_of(model: nn.Module, name: str) -> list[tuple[str, AdapterModule]]:
+def _modules_of(model: nn.Module, name: str) -> list[tuple[str, PEFTLayer]]:
     found = [(p, m) for p, m in adapter_modules(model) if _name_of(m) == name]
     if not found:
         raise ValueError(f"no adapter named {name!r}; adapters here: {adapter_names(model)}")

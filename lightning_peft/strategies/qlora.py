@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_peft.strategies.base import AdapterModule
+from lightning_peft.strategies.base import PEFTLayer
 from lightning_peft.strategies.lora import LoRA
 from lightning_peft.strategies.modules_to_save import select_modules_to_save
 from lightning_peft.strategies.quantized import quantized_kind
@@ -250,7 +250,7 @@ class QLoRA(LoRA):
             )
         problems = []
         for name, module in chosen:
-            if isinstance(module, AdapterModule):
+            if isinstance(module, PEFTLayer):
                 problems.append(f"{name!r} already carries an adapter ({type(module).__name__})")
             elif not isinstance(module, nn.Linear):
                 problems.append(

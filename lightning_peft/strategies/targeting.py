@@ -28,7 +28,7 @@ from typing import Any
 import regex
 from torch import nn
 
-from lightning_peft.strategies.base import AdapterModule
+from lightning_peft.strategies.base import PEFTLayer
 
 TargetSpec = str | Sequence[str] | None
 
@@ -154,7 +154,7 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix + ".") for prefix in inside_adapter):
             continue
-        if isinstance(module, AdapterModule):
+        if isinstance(module, PEFTLayer):
             inside_adapter.append(name)
         found.append((name, module))
     return found
@@ -291,13 +291,13 @@ def find_targets(
     for name, module in selected:
         if name in skip:
             continue  # the caller says why these cannot be targeted (e.g. trained whole already)
-        if isinstance(module, AdapterModule) and _STACKING.get():
+        if isinstance(module, PEFTLayer) and _STACKING.get():
             if not isinstance(inner_layer(module), supported):
                 names = ", ".join(t.__name__ for t in supported)
                 problems.append(
                     f"{name!r} wraps a {type(inner_layer(module)).__name__}; {owner} supports {names}"
                 )
-        elif isinstance(module, AdapterModule):
+        elif isinstance(module, PEFTLayer):
             problems.append(
                 f"{name!r} already carries an adapter ({type(module).__name__}); apply a strategy once"
             )

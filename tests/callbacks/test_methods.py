@@ -12,7 +12,17 @@ from conftest import VOCAB, tiny_llama
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_peft import IA3, PEFT, Adapter, Compose, Freeze, LoRA, PrefixTuning, PromptTuning, QLoRA
+from lightning_peft import (
+    IA3,
+    PEFT,
+    BottleneckAdapter,
+    Compose,
+    Freeze,
+    LoRA,
+    PrefixTuning,
+    PromptTuning,
+    QLoRA,
+)
 
 # name -> (strategy factory, learning rate): soft prompts need the large rates of their papers
 METHODS = {
@@ -31,7 +41,10 @@ METHODS = {
     "ia3": (lambda: Compose([IA3(), Freeze(trainable_modules=["lm_head"])]), 2e-2),
     "adapter": (
         lambda: Compose(
-            [Adapter(reduction_factor=4, non_linearity="silu"), Freeze(trainable_modules=["lm_head"])]
+            [
+                BottleneckAdapter(reduction_factor=4, non_linearity="silu"),
+                Freeze(trainable_modules=["lm_head"]),
+            ]
         ),
         2e-2,
     ),

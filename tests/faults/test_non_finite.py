@@ -15,9 +15,9 @@ from helpers import TINY, Holder, lora, tiny_llama, write_checkpoint
 
 from lightning_peft import PEFT, LoRA, export_adapter, export_merged, load_adapter, load_from_checkpoint
 from lightning_peft.cli.curves import render
-from lightning_peft.data.tasks import CausalLM
 from lightning_peft.formats import merge_and_unwrap
 from lightning_peft.formats.files import json_text, read_safetensors
+from lightning_peft.models.tasks import CausalLM
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
 

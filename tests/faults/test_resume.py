@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_peft import PEFT, LoRA
 from lightning_peft.data.datamodules import MultiTaskSequenceData, SequenceData
-from lightning_peft.data.tasks import CausalLM
+from lightning_peft.models.tasks import CausalLM
 
 
 @pytest.fixture(autouse=True)

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from conftest import mlp, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
-from lightning_peft.strategies.adapter import Adapter, AdapterLayer
 from lightning_peft.strategies.base import (
-    MergeableAdapter,
+    MergeableLayer,
     PEFTStrategy,
     adapter_parameter_names,
     disable_adapters,
     strategy_from_config,
 )
+from lightning_peft.strategies.bottleneck import BottleneckAdapter, BottleneckLayer
 from lightning_peft.strategies.state import trainable_state_dict
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
@@ -36,8 +36,8 @@ def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def _adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+def _adapter_layers(model: nn.Module) -> dict[str, BottleneckLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BottleneckLayer)}
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> None:
@@ -53,7 +53,9 @@ def _trainable(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _hand_adapter(layer: AdapterLayer, x: torch.Tensor, act: Callable, residual: bool = True) -> torch.Tensor:
+def _hand_adapter(
+    layer: BottleneckLayer, x: torch.Tensor, act: Callable, residual: bool = True
+) -> torch.Tensor:
     """Houlsby's adapter written out: x + W_up act(W_down x + b_down) + b_up."""
     hidden = act(x @ layer.adapter_down_weight.T + layer.adapter_down_bias)
     delta = hidden @ layer.adapter_up_weight.T + layer.adapter_up_bias
@@ -78,13 +80,13 @@ class TupleBlock(nn.Module):
 @pytest.mark.parametrize("case", list(MODELS))
 def test_adapter_is_identity_at_init(case: str, placement: str, token_ids: torch.Tensor) -> None:
     base = MODELS[case]()
-    adapted = Adapter(placement=placement).apply(copy.deepcopy(base))
+    adapted = BottleneckAdapter(placement=placement).apply(copy.deepcopy(base))
     assert _adapter_layers(adapted)
     assert torch.equal(_logits(adapted, token_ids), _logits(base, token_ids))
 
 
 def test_adapter_up_projection_starts_at_zero() -> None:
-    layers = _adapter_layers(Adapter().apply(tiny_llama())).values()
+    layers = _adapter_layers(BottleneckAdapter().apply(tiny_llama())).values()
     assert all(not layer.adapter_up_weight.any() and not layer.adapter_up_bias.any() for layer in layers)
     assert all(layer.adapter_down_weight.any() for layer in layers)  # gradients reach it once up moves
 
@@ -107,18 +109,18 @@ PLACEMENTS = {
 
 @pytest.mark.parametrize(("case", "placement"), list(PLACEMENTS), ids=["-".join(k) for k in PLACEMENTS])
 def test_adapter_default_placement_per_architecture(case: str, placement: str) -> None:
-    model = Adapter(placement=placement).apply(MODELS[case]())
+    model = BottleneckAdapter(placement=placement).apply(MODELS[case]())
     expected = {site.format(i=i) for site in PLACEMENTS[case, placement] for i in range(2)}
     assert set(_adapter_layers(model)) == expected
 
 
 def test_adapter_target_modules_override_the_placement() -> None:
-    model = Adapter(placement="houlsby", target_modules=["mlp"]).apply(tiny_llama())
+    model = BottleneckAdapter(placement="houlsby", target_modules=["mlp"]).apply(tiny_llama())
     assert set(_adapter_layers(model)) == {"model.layers.0.mlp", "model.layers.1.mlp"}
 
 
 def test_adapter_layers_to_transform_adapts_only_those_blocks() -> None:
-    model = Adapter(layers_to_transform=1).apply(tiny_gpt2())
+    model = BottleneckAdapter(layers_to_transform=1).apply(tiny_gpt2())
     assert set(_adapter_layers(model)) == {"transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_proj"}
 
 
@@ -127,7 +129,9 @@ def test_adapter_layers_to_transform_adapts_only_those_blocks() -> None:
 
 @pytest.mark.parametrize("non_linearity", list(ACTIVATIONS))
 def test_adapter_forward_matches_hand_formula(non_linearity: str) -> None:
-    model = Adapter(target_modules=["0"], reduction_factor=4, non_linearity=non_linearity).apply(mlp())
+    model = BottleneckAdapter(target_modules=["0"], reduction_factor=4, non_linearity=non_linearity).apply(
+        mlp()
+    )
     _randomise(model)
     layer = model[0]
     assert layer.adapter_down_weight.shape == (4, 16) and layer.adapter_up_weight.shape == (16, 4)
@@ -139,7 +143,7 @@ def test_adapter_forward_matches_hand_formula(non_linearity: str) -> None:
 
 
 def test_adapter_without_residual_replaces_the_output() -> None:
-    model = Adapter(target_modules=["2"], reduction_factor=4, residual=False).apply(mlp())
+    model = BottleneckAdapter(target_modules=["2"], reduction_factor=4, residual=False).apply(mlp())
     _randomise(model)
     layer = model[2]
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
@@ -152,7 +156,7 @@ def test_adapter_without_residual_replaces_the_output() -> None:
 def test_adapter_on_a_tuple_output_adapts_only_the_first_element() -> None:
     torch.manual_seed(0)
     base = TupleBlock().eval()
-    model = Adapter(target_modules=["attn"], reduction_factor=2).apply(copy.deepcopy(base))
+    model = BottleneckAdapter(target_modules=["attn"], reduction_factor=2).apply(copy.deepcopy(base))
     _randomise(model)
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -166,8 +170,8 @@ def test_adapter_after_llama_attention_equals_adapter_after_its_output_projectio
     token_ids: torch.Tensor,
 ) -> None:
     # LlamaAttention returns (o_proj output, weights): the same adapter must give the same logits
-    on_attention = Adapter(target_modules=["self_attn"]).apply(tiny_llama())
-    on_projection = Adapter(target_modules=["self_attn.o_proj"]).apply(tiny_llama())
+    on_attention = BottleneckAdapter(target_modules=["self_attn"]).apply(tiny_llama())
+    on_projection = BottleneckAdapter(target_modules=["self_attn.o_proj"]).apply(tiny_llama())
     _randomise(on_attention)
     with torch.no_grad():
         for name, layer in _adapter_layers(on_attention).items():
@@ -185,7 +189,7 @@ def test_adapter_after_llama_attention_equals_adapter_after_its_output_projectio
 @pytest.mark.parametrize("case", list(MODELS))
 def test_adapter_disable_adapters_gives_base_outputs_exactly(case: str, token_ids: torch.Tensor) -> None:
     base = MODELS[case]()
-    model = Adapter().apply(copy.deepcopy(base))
+    model = BottleneckAdapter().apply(copy.deepcopy(base))
     _randomise(model)
     adapted = _logits(model, token_ids)
     assert not torch.equal(adapted, _logits(base, token_ids))
@@ -195,9 +199,9 @@ def test_adapter_disable_adapters_gives_base_outputs_exactly(case: str, token_id
 
 
 def test_adapter_is_not_mergeable_and_merge_leaves_it_unchanged(token_ids: torch.Tensor) -> None:
-    model = Adapter().apply(tiny_llama())
+    model = BottleneckAdapter().apply(tiny_llama())
     _randomise(model)
-    assert not any(isinstance(layer, MergeableAdapter) for layer in _adapter_layers(model).values())
+    assert not any(isinstance(layer, MergeableLayer) for layer in _adapter_layers(model).values())
     expected = _logits(model, token_ids)
     PEFTStrategy().merge(model)
     assert torch.equal(_logits(model, token_ids), expected)
@@ -207,7 +211,7 @@ def test_adapter_is_not_mergeable_and_merge_leaves_it_unchanged(token_ids: torch
 
 
 def test_adapter_apply_trains_exactly_the_adapters_of_tiny_llama() -> None:
-    model = Adapter().apply(tiny_llama())
+    model = BottleneckAdapter().apply(tiny_llama())
     locals_ = ("adapter_down_weight", "adapter_down_bias", "adapter_up_weight", "adapter_up_bias")
     names = {
         f"model.layers.{i}.{site}.{local}"
@@ -222,7 +226,7 @@ def test_adapter_apply_trains_exactly_the_adapters_of_tiny_llama() -> None:
 
 
 def test_adapter_trainable_state_dict_holds_only_adapter_tensors() -> None:
-    model = Adapter(placement="pfeiffer").apply(tiny_gpt2())
+    model = BottleneckAdapter(placement="pfeiffer").apply(tiny_gpt2())
     state = trainable_state_dict(model)
     assert set(state) == set(adapter_parameter_names(model))
     assert {name.rsplit(".", 1)[-1] for name in state} == {
@@ -235,7 +239,7 @@ def test_adapter_trainable_state_dict_holds_only_adapter_tensors() -> None:
 
 
 def test_adapter_modules_to_save_trains_the_head_too() -> None:
-    model = Adapter(modules_to_save=["classifier"]).apply(tiny_bert())
+    model = BottleneckAdapter(modules_to_save=["classifier"]).apply(tiny_bert())
     trainable = _trainable(model)
     assert {"classifier.trained.weight", "classifier.trained.bias"} <= trainable
     assert trainable == set(adapter_parameter_names(model))  # the head and the adapters, nothing else
@@ -247,34 +251,34 @@ def test_adapter_modules_to_save_trains_the_head_too() -> None:
 
 def test_adapter_on_a_model_without_blocks_names_what_to_pass() -> None:
     with pytest.raises(ValueError, match="no default placement") as error:
-        Adapter().apply(mlp())
+        BottleneckAdapter().apply(mlp())
     assert "target_modules=" in str(error.value)
 
 
 def test_adapter_on_a_module_without_a_linear_layer_is_an_error() -> None:
     with pytest.raises(ValueError, match="no linear layer"):
-        Adapter(target_modules=["1"]).apply(mlp())
+        BottleneckAdapter(target_modules=["1"]).apply(mlp())
 
 
 def test_adapter_reduction_factor_larger_than_the_width_is_an_error() -> None:
     with pytest.raises(ValueError, match="leaves no bottleneck"):
-        Adapter(target_modules=["0"], reduction_factor=32).apply(mlp())
+        BottleneckAdapter(target_modules=["0"], reduction_factor=32).apply(mlp())
 
 
 def test_adapter_on_nested_targets_is_an_error() -> None:
     with pytest.raises(ValueError, match="inside another target"):
-        Adapter(target_modules=["mlp", "mlp.down_proj"]).apply(tiny_llama())
+        BottleneckAdapter(target_modules=["mlp", "mlp.down_proj"]).apply(tiny_llama())
 
 
 def test_adapter_applied_twice_is_an_error() -> None:
-    model = Adapter().apply(tiny_llama())
+    model = BottleneckAdapter().apply(tiny_llama())
     with pytest.raises(ValueError, match="already carries an adapter"):
-        Adapter().apply(model)
+        BottleneckAdapter().apply(model)
 
 
 def test_adapter_invalid_config_raises_one_error_listing_every_problem() -> None:
     with pytest.raises(ValueError) as error:
-        Adapter(
+        BottleneckAdapter(
             reduction_factor=0,
             non_linearity="swish",
             residual="yes",
@@ -293,7 +297,7 @@ def test_adapter_invalid_config_raises_one_error_listing_every_problem() -> None
 
 
 def test_adapter_config_round_trips_through_json() -> None:
-    strategy = Adapter(
+    strategy = BottleneckAdapter(
         reduction_factor=8,
         non_linearity="gelu",
         residual=False,
@@ -303,7 +307,7 @@ def test_adapter_config_round_trips_through_json() -> None:
         layers_to_transform=[0, 1],
     )
     rebuilt = strategy_from_config(json.loads(json.dumps(strategy.to_config())))
-    assert isinstance(rebuilt, Adapter) and rebuilt == strategy
+    assert isinstance(rebuilt, BottleneckAdapter) and rebuilt == strategy
 
 
 # -------------------------------------------------------------------------------- frozen base, training

@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_llama
 from torch import nn
 
-from lightning_peft.strategies import IA3, Adapter, LoRA, PEFTStrategy, QLoRA
+from lightning_peft.strategies import IA3, BottleneckAdapter, LoRA, PEFTStrategy, QLoRA
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lightning_peft"
 
@@ -35,7 +35,7 @@ METHODS: dict[str, Callable[[], PEFTStrategy]] = {
     "dora": lambda: LoRA(r=4, use_dora=True, init_lora_weights=False),
     "dora-dropout": lambda: LoRA(r=4, use_dora=True, lora_dropout=0.1, init_lora_weights=False),
     "ia3": lambda: IA3(),
-    "adapter": lambda: Adapter(),
+    "adapter": lambda: BottleneckAdapter(),
     "qlora": _qlora,
 }
 WITHOUT_DROPOUT = ["lora", "rslora", "dora", "ia3", "adapter", "qlora"]
@@ -83,7 +83,7 @@ def _layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
         "dora": LoRA(**lora, use_dora=True),
         "dora-dropout": LoRA(**lora, use_dora=True, lora_dropout=0.1),
         "ia3": IA3(target_modules=["0"], feedforward_modules=[]),
-        "adapter": Adapter(target_modules=["0"], reduction_factor=4),
+        "adapter": BottleneckAdapter(target_modules=["0"], reduction_factor=4),
     }
     model = strategies[kind].apply(nn.Sequential(nn.Linear(16, 12))).train()
     with torch.no_grad():  # off the identity init, so that every adapter tensor gets a gradient

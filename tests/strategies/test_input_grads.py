@@ -16,7 +16,7 @@ from conftest import tiny_llama
 from torch import nn
 
 from lightning_peft.planning import saved_activation_bytes
-from lightning_peft.strategies import IA3, Adapter, Freeze, LoRA
+from lightning_peft.strategies import IA3, BottleneckAdapter, Freeze, LoRA
 from lightning_peft.strategies.transformers_compat import disable_checkpointing, enable_checkpointing
 
 
@@ -117,7 +117,7 @@ def test_a_deep_copy_follows_its_own_checkpointing_flags(ids: torch.Tensor) -> N
 
 @pytest.mark.parametrize(
     "strategy",
-    [lambda: IA3(), lambda: Adapter(reduction_factor=4), lambda: Freeze(last_n_blocks=1)],
+    [lambda: IA3(), lambda: BottleneckAdapter(reduction_factor=4), lambda: Freeze(last_n_blocks=1)],
     ids=["ia3", "adapter", "freeze-last-block"],
 )
 def test_every_method_gets_its_gradients_under_reentrant_checkpointing(strategy, ids: torch.Tensor) -> None:

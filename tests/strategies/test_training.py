@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_llama
 
-from lightning_peft import IA3, Adapter, LoRA
+from lightning_peft import IA3, BottleneckAdapter, LoRA
 from lightning_peft.strategies.base import adapter_parameter_names
 
 STRATEGIES = {
@@ -15,7 +15,7 @@ STRATEGIES = {
     "ia3": lambda: IA3(),
     # a 2-unit ReLU bottleneck (the default on hidden size 32) can die within a step at this learning
     # rate; 8 smooth units keep every adapter weight receiving gradient
-    "adapter": lambda: Adapter(reduction_factor=4, non_linearity="silu"),
+    "adapter": lambda: BottleneckAdapter(reduction_factor=4, non_linearity="silu"),
 }
 
 

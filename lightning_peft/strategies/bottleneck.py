@@ -44,7 +44,7 @@ from lightning_peft.strategies.targeting import (
 NonLinearity = Literal["relu", "gelu", "silu", "tanh"]
 Placement = Literal["houlsby", "pfeiffer"]
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
+ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "silu": nn.SiLU,
@@ -83,7 +83,7 @@ def output_features(module: nn.Module) -> int | None:
     return output_features(last[-1]) if last else None
 
 
-class AdapterLayer(nn.Module):
+class BottleneckLayer(nn.Module):
     """Runs ``base_layer`` and passes its output (the first element of a tuple) through an adapter."""
 
     def __init__(
@@ -105,7 +105,7 @@ class AdapterLayer(nn.Module):
         self.adapter_up_weight = nn.Parameter(torch.zeros(features, bottleneck, **kwargs))
         self.adapter_up_bias = nn.Parameter(torch.zeros(features, **kwargs))
         nn.init.kaiming_uniform_(self.adapter_down_weight, a=math.sqrt(5))  # nn.Linear's default
-        self.act = _ACTIVATIONS[non_linearity]()
+        self.act = ACTIVATIONS[non_linearity]()
         self.residual = residual
         self.enabled = True
         if not residual:
@@ -138,7 +138,7 @@ class AdapterLayer(nn.Module):
 
 
 @dataclass
-class Adapter(PEFTStrategy):
+class BottleneckAdapter(PEFTStrategy):
     """Bottleneck adapters after the attention and feed-forward sublayers of every block.
 
     Args:
@@ -156,8 +156,8 @@ class Adapter(PEFTStrategy):
 
     Example::
 
-        model = Adapter(reduction_factor=16, placement="pfeiffer").apply(llama)
-        model = Adapter(target_modules=["attn.out_proj", "mlp.fc2"]).apply(my_transformer)
+        model = BottleneckAdapter(reduction_factor=16, placement="pfeiffer").apply(llama)
+        model = BottleneckAdapter(target_modules=["attn.out_proj", "mlp.fc2"]).apply(my_transformer)
     """
 
     reduction_factor: int = 16
@@ -174,9 +174,9 @@ class Adapter(PEFTStrategy):
         factor = self.reduction_factor
         if not isinstance(factor, int) or isinstance(factor, bool) or factor <= 0:
             problems.append(f"reduction_factor must be a positive integer, got {factor!r}")
-        if self.non_linearity not in _ACTIVATIONS:
+        if self.non_linearity not in ACTIVATIONS:
             problems.append(
-                f"non_linearity must be one of {', '.join(_ACTIVATIONS)}, got {self.non_linearity!r}"
+                f"non_linearity must be one of {', '.join(ACTIVATIONS)}, got {self.non_linearity!r}"
             )
         if not isinstance(self.residual, bool):
             problems.append(f"residual must be True or False, got {self.residual!r}")
@@ -201,10 +201,10 @@ class Adapter(PEFTStrategy):
                 f"model_type {kind!r}" if kind else f"a {type(model).__name__} without a Hugging Face config"
             )
             raise ValueError(
-                f"Adapter has no default placement for {found} (known: {', '.join(sorted(ADAPTER_SITES))}); "
+                f"BottleneckAdapter has no default placement for {found} (known: {', '.join(sorted(ADAPTER_SITES))}); "
                 "pass target_modules= naming the modules whose output gets an adapter, e.g. each block's "
                 "attention output projection and feed-forward output: "
-                "Adapter(target_modules=['self_attn.o_proj', 'mlp.down_proj'])"
+                "BottleneckAdapter(target_modules=['self_attn.o_proj', 'mlp.down_proj'])"
             )
         attention, feedforward = ADAPTER_SITES[kind]
         sites = (attention, feedforward) if self.placement == "houlsby" else (feedforward,)
@@ -212,10 +212,10 @@ class Adapter(PEFTStrategy):
 
     def inject(self, model: nn.Module) -> None:
         targets_spec = self.resolved_targets(model)
-        saved = wrap_modules_to_save(model, self.modules_to_save, "Adapter")
+        saved = wrap_modules_to_save(model, self.modules_to_save, "BottleneckAdapter")
         targets = find_targets(
             model,
-            owner="Adapter",
+            owner="BottleneckAdapter",
             target_modules=targets_spec,
             supported=(nn.Module,),
             layers_to_transform=self.layers_to_transform,
@@ -243,10 +243,10 @@ class Adapter(PEFTStrategy):
                 )
             else:
                 widths[name] = width
-        validation_error("Adapter", problems)
+        validation_error("BottleneckAdapter", problems)
         for name, module in targets:
             width = widths[name]
-            layer = AdapterLayer(
+            layer = BottleneckLayer(
                 module, width, width // self.reduction_factor, self.non_linearity, self.residual
             )
             replace_module(model, name, layer)
