@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import missing_module_error, resolve_module
+from lightning_peft.callbacks.module_path import missing_module_error, resolve_module
 from lightning_peft.strategies.base import disable_adapters
 from lightning_peft.strategies.targeting import validation_error
 
