@@ -164,3 +164,25 @@ def test_plan_memory_benchmark_plans_7b_and_matches_a_measured_step(tmp_path: Pa
     assert record["meta_apply"]["all_parameters_on_meta"] is True
     assert [p["method"] for p in record["plans_7b"][:3]] == ["full", "lora", "qlora"]
     assert all(0.85 <= row["ratio"] <= 1.15 for row in record["against_measured"])
+
+
+@pytest.mark.slow
+def test_compile_adds_a_compiled_twin_of_each_method_compared_to_eager_and_to_peft(tmp_path: Path) -> None:
+    out = tmp_path / "compiled.json"
+    step_time.main(
+        [
+            *("--hidden", str(HIDDEN), "--intermediate", str(INTERMEDIATE), "--layers", str(LAYERS)),
+            *("--vocab", "128", "--seq", "16", "--threads", "1", "--rounds", "2", "--warmup", "0"),
+            *("--methods", "lora,peft-lora", "--compile", "--json", str(out)),
+        ]
+    )
+    record = json.loads(out.read_text())
+    assert record["settings"]["warmup"] == 2  # the compiling steps are never timed
+    rows = _rows(record)
+    assert list(rows) == ["limit", "limit+compile", "lora", "lora+compile", "peft-lora", "peft-lora+compile"]
+    compiled, eager, theirs = rows["lora+compile"], rows["lora"], rows["peft-lora+compile"]
+    pairs = zip(compiled["times_s"], eager["times_s"], strict=True)
+    assert compiled["x_eager"] == pytest.approx(sum(c / e for c, e in pairs) / 2)
+    pairs = zip(compiled["times_s"], theirs["times_s"], strict=True)
+    assert compiled["x_peft"] == pytest.approx(sum(c / t for c, t in pairs) / 2)  # over peft compiled
+    assert compiled["trainable"] == eager["trainable"] and compiled["saved_mib"] == 0  # not counted
