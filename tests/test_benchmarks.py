@@ -152,6 +152,12 @@ def test_chart_draws_a_png_from_a_step_time_record(runs: dict[str, dict], tmp_pa
     results.write_text(json.dumps(runs["float32"]))
     chart.main([str(results), str(tmp_path / "chart.png")])
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (axes,) = chart.figure(runs["float32"]).axes
+    rows = [row for row in runs["float32"]["rows"] if row["method"] != "limit"]
+    assert [t.get_text() for t in axes.get_yticklabels()] == [row["method"] for row in rows]
+    times, saved = axes.containers  # bars as long as the recorded ratios
+    assert [bar.get_width() for bar in times] == [row["x_limit"] for row in rows]
+    assert [bar.get_width() for bar in saved] == [row["saved_vs_limit"] for row in rows]
 
 
 @pytest.mark.slow

@@ -65,12 +65,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     write_text(metrics_file, json_text(record, indent=2) + "\n")  # NaN -> null: valid JSON
     log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     log.info("wrote %s, %s (from %s) and %s", final, out / "adapter", record["adapter_from"], metrics_file)
-    # training curves next to metrics.json, drawn from Lightning's CSV log
+    # training curves next to metrics.json, drawn from Lightning's CSV log (when matplotlib is installed)
     csv_log = log_dir / "metrics.csv"
     if csv_log.is_file():
-        from lightning_peft.cli.curves import write_curves
+        from lightning_peft.cli.curves import write_curves_or_skip
 
-        log.info("wrote %s", write_curves(csv_log, out / "curves.png"))
+        write_curves_or_skip(csv_log, out / "curves.png")
     return metrics
 
 
