@@ -124,6 +124,16 @@ def test_without_matplotlib_curves_are_skipped_with_one_info_line(metrics_csv, t
     assert "matplotlib is not installed" in record.getMessage() and INSTALL_HINT in record.getMessage()
 
 
+def test_a_log_with_nothing_to_draw_skips_the_curves_with_one_info_line(tmp_path, caplog):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("epoch,step,train_loss\n")  # a run that logged nothing
+    with caplog.at_level(logging.INFO, logger="lightning_peft.cli.curves"):
+        assert write_curves_or_skip(csv, tmp_path / "curves.png") is None
+    assert not (tmp_path / "curves.png").exists()
+    (record,) = caplog.records
+    assert "holds no metric values" in record.getMessage()
+
+
 def test_bars_are_as_long_as_their_values_labelled_with_a_reference_line():
     figure = bars_figure("T", [("A", [1.0, 2.0]), ("B", [0.5, None])], ["X", "Y"], reference=1.0)
     (axes,) = figure.axes

@@ -141,14 +141,19 @@ def write_curves(metrics_csv: str | Path, png: str | Path) -> Path:
 
 
 def write_curves_or_skip(metrics_csv: str | Path, png: str | Path) -> Path | None:
-    """:func:`write_curves`, or, without matplotlib, one INFO line saying how to get the curves
-    (``None``, nothing written): a run must not fail for a missing chart library."""
+    """:func:`write_curves`, or one INFO line saying why there are no curves (``None``, nothing
+    written): without matplotlib, how to get it; for a log with nothing to draw, what is missing. A
+    finished run must not fail for its chart."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        log.info("skipped %s: matplotlib is not installed (%s draws the curves)", png, INSTALL_HINT)
+        log.info("skipped %s: matplotlib is not installed; %s to get training curves", png, INSTALL_HINT)
         return None
-    written = write_curves(metrics_csv, png)
+    try:
+        written = write_curves(metrics_csv, png)
+    except ValueError as error:  # no step column, no values
+        log.info("skipped %s: %s", png, error)
+        return None
     log.info("wrote %s", written)
     return written
 
