@@ -192,3 +192,31 @@ def test_compile_adds_a_compiled_twin_of_each_method_compared_to_eager_and_to_pe
     pairs = zip(compiled["times_s"], theirs["times_s"], strict=True)
     assert compiled["x_peft"] == pytest.approx(sum(c / t for c, t in pairs) / 2)  # over peft compiled
     assert compiled["trainable"] == eager["trainable"] and compiled["saved_mib"] == 0  # not counted
+
+
+def test_fit_step_times_lightning_and_the_plain_loop_on_the_same_batches(tmp_path: Path) -> None:
+    import fit_step
+
+    out = tmp_path / "fit_step.json"
+    argv = [
+        "--hidden",
+        "64",
+        "--vocab",
+        "128",
+        "--seq",
+        "16",
+        "--steps",
+        "4",
+        "--rounds",
+        "3",
+        "--threads",
+        "1",
+    ]
+    result = fit_step.main([*argv, "--no-progress-bar", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert len(record["rounds"]) == 3 and record["x_plain"] == pytest.approx(result["x_plain"])
+    ratios = sorted(r["lightning_s"] / r["plain_s"] for r in record["rounds"])
+    assert record["x_plain"] == pytest.approx(ratios[1])  # the median of the per-round ratios
+    assert record["x_plain_min"] == pytest.approx(ratios[0]) and record["x_plain_max"] == pytest.approx(
+        ratios[2]
+    )
