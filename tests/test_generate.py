@@ -240,6 +240,78 @@ def test_batched_prompts_give_the_completions_of_single_ones(trained):
     assert _greedy(model, tokenizer, prompts, batch_size=3) == _greedy(model, tokenizer, prompts)
 
 
+def _tiny_char_gpt2(seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2
+    )
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_char_llama, _tiny_char_gpt2], ids=["llama", "gpt2"])
+def test_left_padded_batches_equal_each_prompt_generated_alone_by_transformers(build):
+    model, tokenizer = build(seed=3), char_tokenizer()
+    prompts = ["a", "a much longer prompt, padded least", "mid length"]
+    batched = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=12, batch_size=3))
+    for prompt, record in zip(prompts, batched, strict=True):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        alone = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                               do_sample=False, pad_token_id=0, eos_token_id=2)  # fmt: skip
+        tokens = alone[0, ids.shape[1] :].tolist()
+        assert record["completion"] == tokenizer.decode(tokens, skip_special_tokens=True)
+        assert record["num_tokens"] == len(tokens) == 12
+
+
+def _spy_generate(model, monkeypatch) -> list[dict]:
+    calls: list[dict] = []
+    original = model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return calls
+
+
+@pytest.mark.parametrize("stops", [["mat"], ["sat", "."], ["at ", "zzz"]])
+def test_transformers_stop_strings_cut_where_the_free_completion_first_holds_one(trained, monkeypatch, stops):
+    model, tokenizer = trained["base"], trained["tokenizer"]
+    prompts = ["the ", "a d", "on "]
+    free = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=30))
+    calls = _spy_generate(model, monkeypatch)
+    stopped = generate(
+        model, tokenizer, prompts, GenerationSettings(max_new_tokens=30, stop_strings=stops, batch_size=3)
+    )
+    assert all(call["stop_strings"] == stops and "stopping_criteria" not in call for call in calls)
+    cut = 0
+    for before, after in zip(free, stopped, strict=True):
+        text = before["completion"]
+        hits = [(text.index(s), order, s) for order, s in enumerate(stops) if s in text]
+        if not hits:
+            assert after == before | {"settings": after["settings"]}
+            continue
+        index, _, stop = min(hits)
+        assert after["completion"] == text[:index] and after["stop_string"] == stop
+        assert after["num_tokens"] == index + len(stop)  # one token per character
+        assert after["stop_reason"] == "stop_string"
+        cut += 1
+    assert cut >= 2
+
+
+def test_a_stop_string_begun_in_the_prompt_is_looked_for_in_the_completion_alone(trained, monkeypatch):
+    model, tokenizer = trained["base"], trained["tokenizer"]
+    (free,) = generate(model, tokenizer, "the cat sat on the m", GenerationSettings(max_new_tokens=30))
+    assert free["completion"].startswith("at. the cat sat on the mat")
+    calls = _spy_generate(model, monkeypatch)
+    settings = GenerationSettings(max_new_tokens=30, stop_strings=["mat"])
+    (record,) = generate(model, tokenizer, "the cat sat on the m", settings)
+    assert "stop_strings" not in calls[0]  # transformers would stop at once: "m" + "at"
+    assert record["completion"] == "at. the cat sat on the " and record["stop_string"] == "mat"
+
+
 def test_streaming_writes_the_completion_as_it_grows_and_stops_before_the_stop_string(trained):
     model, tokenizer = trained["base"], trained["tokenizer"]
 
