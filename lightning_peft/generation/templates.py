@@ -108,6 +108,12 @@ class PromptTemplate:
         if problems:
             raise ValueError("PromptTemplate is misconfigured: " + "; ".join(problems))
 
+    def required_fields(self) -> tuple[str, ...]:
+        """The record fields this template reads that a record must have (all but ``optional_field``)."""
+        texts = [(getattr(self, name), name) for name in ("prompt", "response", "prompt_if_empty", "system")]
+        names = [f for text, what in texts if text is not None for f in _field_names(text, what)]
+        return tuple(f for f in dict.fromkeys(names) if f != self.optional_field)
+
     def _is_blank(self, record: Mapping[str, Any]) -> bool:
         value = record.get(self.optional_field) if self.optional_field else None
         return value is None or (isinstance(value, str) and not value.strip())
