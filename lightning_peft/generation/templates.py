@@ -9,7 +9,10 @@ the response is learned::
     labels:  -100  -100 ...     r r r </s>  -100  -100      # the model shifts labels itself
 
 Prompt and response are tokenized separately, so the boundary between them is exact whatever the
-tokenizer (a BPE merge never straddles it).
+tokenizer (a BPE merge never straddles it). transformers' ``apply_chat_template(...,
+return_assistant_tokens_mask=True)`` gives the same labels, but only for chat templates that mark the
+assistant's text with ``{% generation %}`` (many do not), and it masks whole tokens of a conversation
+tokenized in one piece; the split here works with any chat template and with plain prompt templates.
 """
 
 from __future__ import annotations
