@@ -46,7 +46,7 @@ class Evaluation(Callback):
             ``references`` with ROUGE-L (F-measure) and BLEU; needs ``tokenizer`` (an object or a local
             folder) and a ``module`` with ``generate`` (a transformers causal LM).
         max_new_tokens: generation length.
-        stop_strings: a continuation ends before the first of these (``["\n"]`` for one-line answers).
+        stop_strings: a continuation ends before the first of these (``["\\n"]`` for one-line answers).
         batch_size: prompts generated together (left-padded; greedy text does not depend on it).
         samples_file: JSONL of prompt / generated / reference, written in the trainer's log folder.
         num_samples: how many samples are printed.

@@ -325,8 +325,8 @@ def _stopping(
 
     transformers matches a stop string in the whole sequence, prompt included, and knows nothing of forced
     words; ours reads the completion alone and waits for every forced word. The two agree unless forced
-    words are set or a prompt ends with the start of a stop string (e.g. ``"...:\n"`` with ``"\n\n"``),
-    where transformers would end the completion before it began.
+    words are set or a prompt ends with the start of a stop string (e.g. ``"...:\\n"`` with ``"\\n\\n"``),
+    where transformers could end the completion at its first tokens.
     """
     stops = settings.stop_strings
     if not stops:
