@@ -14,6 +14,7 @@ import peft
 import pytest
 import torch
 from conftest import tiny_char_llama
+from transformers import StoppingCriteriaList
 
 from lightning_peft import PEFT, LoRA, export_adapter, export_merged
 from lightning_peft.cli.main import main
@@ -21,6 +22,7 @@ from lightning_peft.data.tokenizer import char_tokenizer
 from lightning_peft.generation.generate import (
     DEFAULT_SETTINGS_FILE,
     GenerationSettings,
+    StopAtStrings,
     generate,
     load_for_generation,
     read_prompts,
@@ -299,6 +301,16 @@ def test_transformers_stop_strings_cut_where_the_free_completion_first_holds_one
         assert after["stop_reason"] == "stop_string"
         cut += 1
     assert cut >= 2
+    # and they are the records of the stopping criterion used before transformers' (ours, still used
+    # with forced words), on the same model and prompts
+    settings = GenerationSettings(max_new_tokens=30, stop_strings=stops, batch_size=3)
+
+    def ours(tokenizer, prompts, length, settings):
+        stop = StopAtStrings(tokenizer, length, settings.stop_strings)
+        return {"stopping_criteria": StoppingCriteriaList([stop])}
+
+    monkeypatch.setattr("lightning_peft.generation.generate._stopping", ours)
+    assert generate(model, tokenizer, prompts, settings) == stopped
 
 
 def test_a_stop_string_begun_in_the_prompt_is_looked_for_in_the_completion_alone(trained, monkeypatch):
