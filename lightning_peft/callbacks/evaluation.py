@@ -5,9 +5,9 @@ forward per validation batch: ``module(**inputs)`` where ``inputs`` is the batch
 (``module`` is a dotted path, None for the LightningModule's own forward) and the output is the logits
 or has ``.logits``. Generation metrics (ROUGE-L, BLEU) come from greedy completions of fixed prompts at
 the end of the epoch, made by :func:`lightning_peft.generation.generate.generate` (batched, left-padded
-prompts with an attention mask, any transformers causal LM); a few samples are written to a JSONL file and
-printed. ``compare_base=True`` repeats every
-metric with the adapters disabled and logs it as ``base/<metric>``.
+prompts with an attention mask, any transformers causal LM); a few samples are written to a JSONL file
+and printed. ``compare_base=True`` repeats every metric with the adapters disabled and logs it as
+``base/<metric>``.
 """
 
 from __future__ import annotations
