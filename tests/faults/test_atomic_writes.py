@@ -111,7 +111,7 @@ def test_fit_saves_its_checkpoints_through_the_atomic_writer(tmp_path, monkeypat
         torch.save({"global_step": 0}, path)
 
     monkeypatch.setattr(L.Trainer, "save_checkpoint", save)
-    monkeypatch.setattr("lightning_peft.export_adapter", stop)
+    monkeypatch.setattr("lightning_peft.formats.export_adapter", stop)
     with initialize_config_module("lightning_peft.conf", version_base="1.3"):
         cfg = compose(
             "config",
