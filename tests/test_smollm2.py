@@ -199,3 +199,53 @@ def test_plan_is_within_15_percent_of_the_measured_peak_of_a_real_training_step(
     assert planned.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert planned.total_bytes == pytest.approx(measured, rel=0.15)
     assert planned.activation_bytes > 0.3 * weights  # the batch weighs: not a check of the weights alone
+
+
+def test_instruct_experiment_builds_smollm2_its_chat_data_and_the_held_out_callback(folder, tmp_path):
+    from hydra.utils import instantiate
+    from test_conf import composed
+
+    cfg = composed("experiment=instruct_smollm2", f"hydra.runtime.output_dir={tmp_path}")
+    module = instantiate(cfg.model, _convert_="all")
+    assert module.hparams.pretrained == folder and module.model.config.num_hidden_layers == 30
+    data = instantiate(cfg.data, _convert_="all")
+    assert data.tokenizer.chat_template and data.template.chat
+    data.setup("fit")
+    assert len(data.train) + len(data.val) == 256
+    heldout = instantiate(cfg.callbacks.heldout, _convert_="all")
+    assert len(heldout.records) == 40
+    trained = {(r["input"], r["output"]) for r in data.train + data.val}
+    assert not trained & {(r["input"], r["output"]) for r in heldout.records}
+
+
+def test_a_few_lora_steps_teach_the_held_out_format_that_the_base_model_misses(folder, tmp_path):
+    import lightning as L
+
+    from lightning_peft import PEFT
+    from lightning_peft.callbacks.heldout import HeldOutEvaluation
+    from lightning_peft.data.datamodules import InstructionData, read_jsonl
+    from lightning_peft.data.shipped import shipped_file
+    from lightning_peft.generation.templates import CHAT
+    from lightning_peft.models.tasks import CausalLM
+
+    heldout = tmp_path / "heldout.jsonl"
+    records = read_jsonl(shipped_file("trips_heldout.jsonl"))[:8]
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = InstructionData(shipped_file("trips.jsonl"), template=CHAT, tokenizer=folder, batch_size=8)
+    evaluation = HeldOutEvaluation(str(heldout), module="model", max_new_tokens=12)
+    trainer = L.Trainer(
+        max_steps=6,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=[PEFT(LoRA(r=8, lora_alpha=16, target_modules="all-linear"), module="model"), evaluation],
+    )
+    trainer.fit(CausalLM(pretrained=folder, lr=2e-3), datamodule=data)
+    before, after = evaluation.results["before"], evaluation.results["after"]
+    assert before["exact_match"] == 0.0  # the base model answers in prose
+    assert after["exact_match"] >= 0.5 and after["rougeL"] > before["rougeL"] + 0.3
+    assert trainer.callback_metrics["heldout/after/exact_match"] == after["exact_match"]
+    lines = [json.loads(line) for line in (tmp_path / "heldout_samples.jsonl").read_text().splitlines()]
+    assert [line["moment"] for line in lines] == ["before"] * 8 + ["after"] * 8
