@@ -48,7 +48,7 @@ def evaluate_records(
     Returns ``(metrics, samples)``: the metrics of :func:`score_generations` plus ``num_records``, and
     one ``{"prompt", "generated", "reference"}`` dict per record, in order (``prompt`` is the
     template's prompt before any chat formatting). The model is put in eval
-    mode for the generation and back in the mode it was in afterwards.
+    mode for the generation; afterwards every submodule is back in the mode it was in.
 
     Example::
 
@@ -57,12 +57,13 @@ def evaluate_records(
     settings = settings or GenerationSettings(max_new_tokens=32, batch_size=8)
     prompts = [template.prompt_text(record, tokenizer) for record in records]
     references = [template.format_response(record) for record in records]
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # some may be in eval mode on purpose
     model.eval()
     try:
         completions = [r["completion"].strip() for r in generate(model, tokenizer, prompts, settings)]
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     metrics: dict[str, float] = {**score_generations(completions, references), "num_records": len(records)}
     samples = [
         {"prompt": template.format_prompt(record), "generated": completion, "reference": reference}
