@@ -64,3 +64,10 @@ def test_the_trip_files_are_what_the_script_writes_and_share_no_trip():
     assert read_jsonl(shipped_file("trips_heldout.jsonl")) == heldout
     assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in heldout}
     assert not {r["input"] for r in train} & {r["input"] for r in heldout}
+
+
+def test_smollm2_refuses_a_folder_that_holds_something_else(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="no config.json"):
+        pretrained.smollm2(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

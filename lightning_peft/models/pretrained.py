@@ -78,6 +78,11 @@ def smollm2(folder: str | Path | None = None, wait_s: float = 600.0) -> str:
     out = Path(folder).expanduser() if folder is not None else smollm2_cache()
     deadline = time.monotonic() + wait_s
     while not (out / "config.json").is_file():
+        if out.exists():  # not ours: a conversion renames a complete folder into place, config.json included
+            raise ValueError(
+                f"SmolLM2: {out} exists but holds no converted model (no config.json); delete it, or pass "
+                f"another folder (or set ${SMOLLM2_CACHE_ENV})"
+            )
         try:
             _convert(smollm2_gguf(), out)
         except FileExistsError:  # another process holds the lock, or finished meanwhile
