@@ -69,6 +69,24 @@ def variants(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: model.eval() for name, model in models.items()}
 
 
+@torch.inference_mode()
+def measure(
+    models: dict[str, torch.nn.Module], ids: torch.Tensor, rounds: int, warmup: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Forward times per model over interleaved rounds, and each model's largest logit difference to
+    our unmerged model."""
+    reference = models["unmerged"](input_ids=ids).logits
+    errors = {n: (m(input_ids=ids).logits - reference).abs().max().item() for n, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(warmup + rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(input_ids=ids)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times, errors
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,16 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     models = variants(build_model(shape))
     ids = torch.randint(0, shape.vocab, (2, shape.seq), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        reference = models["unmerged"](input_ids=ids).logits
-        errors = {n: (m(input_ids=ids).logits - reference).abs().max().item() for n, m in models.items()}
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for round_index in range(args.warmup + args.rounds):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(input_ids=ids)
-                if round_index >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
+    times, errors = measure(models, ids, args.rounds, args.warmup)
     median = {name: statistics.median(t) for name, t in times.items()}
 
     def ratio(name: str, reference: str) -> float:

@@ -28,6 +28,12 @@ Run::
     python benchmarks/step_time.py --quick               # hidden 512: a few minutes on 2 cores
     python benchmarks/step_time.py --methods lora,lora-dropout,dora --rounds 7
     python benchmarks/step_time.py --device cuda         # bf16 on a GPU
+    python benchmarks/step_time.py --quick --compile --methods lora,peft-lora,dora,peft-dora
+                                                         # each method eager and torch.compile'd ("+compile")
+
+With ``--compile`` every method also runs as ``torch.compile(model)`` (inductor), named ``<method>+compile``:
+its ``x peft`` is over peft's compiled twin, and ``x eager`` over the same method uncompiled. Saved
+activations are not counted for compiled variants (the compiled graph saves inside itself).
 
 Timings are only comparable within one run (the same machine and load); the saved bytes,
 parameter counts and checkpoint sizes are exact.
@@ -68,6 +74,7 @@ class Variant:
     apply_seconds: float
     optimizer: torch.optim.Optimizer | None
     peft_twin: str | None = None  # the peft variant with the same configuration
+    eager_twin: str | None = None  # for a compiled variant: the same method uncompiled
     times: list[float] = field(default_factory=list)
     saved_bytes: int = 0
     peak_bytes: int = 0
@@ -125,15 +132,16 @@ def _full(model: nn.Module) -> nn.Module:
 def methods(args: argparse.Namespace) -> dict[str, tuple[Callable[[nn.Module], nn.Module], str | None]]:
     """name -> (apply function, name of the peft twin or None)."""
     qlora_dtype = "bfloat16" if args.dtype == torch.bfloat16 else "float32"
+    p = getattr(args, "dropout", 0.1)
     return {
         "limit": (_limit, None),
         "lora": (_ours(lambda: LoRA(r=16, lora_alpha=32)), "peft-lora"),
         "peft-lora": (_peft(), None),
         "lora-input-grads": (_with_input_grads(_ours(lambda: LoRA(r=16, lora_alpha=32))), None),
-        "lora-dropout": (_ours(lambda: LoRA(r=16, lora_alpha=32, lora_dropout=0.05)), "peft-lora-dropout"),
-        "peft-lora-dropout": (_peft(lora_dropout=0.05), None),
+        "lora-dropout": (_ours(lambda: LoRA(r=16, lora_alpha=32, lora_dropout=p)), "peft-lora-dropout"),
+        "peft-lora-dropout": (_peft(lora_dropout=p), None),
         "lora-dropout-shared": (
-            _ours(lambda: LoRA(r=16, lora_alpha=32, lora_dropout=0.05, share_dropout_mask=True)),
+            _ours(lambda: LoRA(r=16, lora_alpha=32, lora_dropout=p, share_dropout_mask=True)),
             "peft-lora-dropout",
         ),
         "dora": (_ours(lambda: LoRA(r=16, lora_alpha=32, use_dora=True)), "peft-dora"),
@@ -159,6 +167,11 @@ def build_variants(base: nn.Module, names: list[str], args: argparse.Namespace) 
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-5) if trainable else None
         variants.append(Variant(name, model, seconds, optimizer, twin if twin in names else None))
+        if args.compile:  # the same model compiled: it shares the weights and the optimizer
+            compiled_twin = f"{twin}+compile" if twin in names else None
+            variants.append(
+                Variant(f"{name}+compile", torch.compile(model), seconds, optimizer, compiled_twin, name)
+            )
     return variants
 
 
@@ -201,7 +214,8 @@ def run(args: argparse.Namespace) -> tuple[list[Variant], dict[str, object], tor
     ids = ids.to(args.device)
     cuda = args.device.startswith("cuda")
     for variant in variants:
-        variant.saved_bytes = saved_activation_bytes(variant, ids)
+        if variant.eager_twin is None:  # a compiled graph saves inside itself: not counted
+            variant.saved_bytes = saved_activation_bytes(variant, ids)
         gc.collect()
     for round_index in range(args.warmup + args.rounds):
         for variant in variants:  # interleaved: one step of each in turn
@@ -245,6 +259,13 @@ def rows(variants: list[Variant]) -> list[dict[str, object]]:
                 "x_peft": (
                     statistics.median(t / pt for t, pt in zip(v.times, twin.times, strict=True))
                     if twin
+                    else None
+                ),
+                "x_eager": (
+                    statistics.median(
+                        t / e for t, e in zip(v.times, by_name[v.eager_twin].times, strict=True)
+                    )
+                    if v.eager_twin
                     else None
                 ),
                 "saved_mib": v.saved_bytes / 2**20,
@@ -303,16 +324,18 @@ def lora_flop_floor(variants: list[Variant], ids: torch.Tensor) -> dict[str, flo
 
 def markdown(table: list[dict[str, object]]) -> str:
     peak = any(r["peak_mib"] for r in table)
-    head = "| method | step s | x limit (spread) | x peft | saved MiB | trainable | ckpt KiB | apply s |"
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    head = "| method | step s | x limit (spread) | x peft | x eager | saved MiB | trainable | ckpt KiB | apply s |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if peak:
         head, rule = head + " peak MiB |", rule + "---:|"
     lines = [head, rule]
     for r in table:
         x_peft = f"{r['x_peft']:.3f}" if r["x_peft"] is not None else ""
+        x_eager = f"{r['x_eager']:.3f}" if r["x_eager"] is not None else ""
+        saved = f"{r['saved_mib']:.1f}" if r["saved_mib"] else ""
         line = (
             f"| {r['method']} | {r['median_s']:.3f} | {r['x_limit']:.3f} "
-            f"({r['x_limit_min']:.3f}-{r['x_limit_max']:.3f}) | {x_peft} | {r['saved_mib']:.1f} | "
+            f"({r['x_limit_min']:.3f}-{r['x_limit_max']:.3f}) | {x_peft} | {x_eager} | {saved} | "
             f"{r['trainable']:,} | {r['ckpt_kib']:,.0f} | {r['apply_s']:.3f} |"
         )
         if peak:
@@ -343,10 +366,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="default: float32 on CPU, bfloat16 on CUDA",
     )
     parser.add_argument("--quick", action="store_true", help="hidden 512, intermediate 1376")
+    parser.add_argument("--dropout", type=float, default=0.1, help="lora_dropout of the dropout variants")
+    parser.add_argument("--compile", action="store_true", help="also run each method torch.compile'd")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate = 512, 1376
+    if args.compile and args.warmup < 2:
+        args.warmup = 2  # the first compiled steps compile (forward, then backward): not timed
     # the issue's settings: fp32 on the CPU, bf16 on a GPU
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
@@ -362,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\nLlama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
         f"vocab {args.vocab}, batch {args.batch}x{args.seq}, {args.dtype}, {args.threads} threads, "
-        f"{args.device}; LoRA r=16 alpha=32 all-linear, AdamW; median of {args.rounds} interleaved "
+        f"{args.device}; LoRA r=16 alpha=32 all-linear (dropout variants p={args.dropout}), AdamW; median of {args.rounds} interleaved "
         f"rounds after {args.warmup} warm-up\n{machine}\n"
     )
     print(markdown(table))

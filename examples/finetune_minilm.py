@@ -134,6 +134,42 @@ def validate(trainer: L.Trainer, model: L.LightningModule, loader: DataLoader) -
     return {k: round(float(v), 6) for k, v in metrics.items()}
 
 
+def train_and_export(
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    best: ModelCheckpoint,
+    output_dir: Path,
+) -> tuple:
+    """Validate, fit, validate; save the adapter-only checkpoint, reload it, and export the adapter."""
+    before = validate(trainer, model, val_loader)  # LoRA starts as the identity: the base model, new head
+    print(f"validation accuracy before fine-tuning: {before['val_acc']:.3f}")
+    trainer.fit(model, train_loader, val_loader)
+    after = validate(trainer, model, val_loader)
+    print(f"validation accuracy after fine-tuning:  {after['val_acc']:.3f}")
+
+    checkpoint = output_dir / "checkpoints" / "last-adapter.ckpt"
+    # the model state is adapter-only (LoRA tensors and the head); weights_only=False adds the optimizer
+    # and loop state, so `trainer.fit(..., ckpt_path=checkpoint)` could resume from it
+    trainer.save_checkpoint(checkpoint, weights_only=False)
+
+    # LightningModule.load_from_checkpoint runs no callbacks, so it would not re-create the adapters;
+    # lightning_peft's loader rebuilds the module, applies the saved strategy and loads the adapters.
+    reloaded = lightning_peft.load_from_checkpoint(IntentClassifier, checkpoint)
+    check = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    again = validate(check, reloaded, val_loader)
+    print(f"validation accuracy after reloading:    {again['val_acc']:.3f}")
+
+    # the adapter folder, from the best checkpoint: LoRA's tensors and the head beside the encoder, which
+    # the Hugging Face PEFT format cannot hold, so it is the lightning_peft layout (the note says so)
+    source = Path(best.best_model_path) if best.best_model_path else checkpoint
+    adapter = lightning_peft.export_adapter(source, output_dir / "adapter", root="model", overwrite=True)
+    print(f"adapter ({adapter.format} layout, from {source.name}): {adapter.path}; {adapter.note}")
+
+    return before, after, again, checkpoint, source, adapter
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -167,29 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
         log_every_n_steps=5,
     )
 
-    before = validate(trainer, model, val_loader)  # LoRA starts as the identity: the base model, new head
-    print(f"validation accuracy before fine-tuning: {before['val_acc']:.3f}")
-    trainer.fit(model, train_loader, val_loader)
-    after = validate(trainer, model, val_loader)
-    print(f"validation accuracy after fine-tuning:  {after['val_acc']:.3f}")
-
-    checkpoint = args.output_dir / "checkpoints" / "last-adapter.ckpt"
-    # the model state is adapter-only (LoRA tensors and the head); weights_only=False adds the optimizer
-    # and loop state, so `trainer.fit(..., ckpt_path=checkpoint)` could resume from it
-    trainer.save_checkpoint(checkpoint, weights_only=False)
-
-    # LightningModule.load_from_checkpoint runs no callbacks, so it would not re-create the adapters;
-    # lightning_peft's loader rebuilds the module, applies the saved strategy and loads the adapters.
-    reloaded = lightning_peft.load_from_checkpoint(IntentClassifier, checkpoint)
-    check = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    again = validate(check, reloaded, val_loader)
-    print(f"validation accuracy after reloading:    {again['val_acc']:.3f}")
-
-    # the adapter folder, from the best checkpoint: LoRA's tensors and the head beside the encoder, which
-    # the Hugging Face PEFT format cannot hold, so it is the lightning_peft layout (the note says so)
-    source = Path(best.best_model_path) if best.best_model_path else checkpoint
-    adapter = lightning_peft.export_adapter(source, args.output_dir / "adapter", root="model", overwrite=True)
-    print(f"adapter ({adapter.format} layout, from {source.name}): {adapter.path}; {adapter.note}")
+    before, after, again, checkpoint, source, adapter = train_and_export(
+        trainer, model, train_loader, val_loader, best, args.output_dir
+    )
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base_file = Path(model_path) / "model.safetensors"

@@ -123,3 +123,20 @@ def tiny_char_llama(seed: int = 0) -> nn.Module:
         pad_token_id=0,
     )
     return transformers.LlamaForCausalLM(config).eval()
+
+
+BASE_TEXT = "the cat sat on the mat. " * 4  # what fit_to_text teaches the generation tests' base model
+
+
+def fit_to_text(model: nn.Module, text: str, steps: int, lr: float) -> None:
+    """Train a causal LM's trainable parameters to write ``text`` (character tokens), then set eval mode."""
+    from lightning_peft.data.tokenizer import char_tokenizer
+
+    ids = torch.tensor([char_tokenizer()(text)["input_ids"]])
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()

@@ -152,6 +152,12 @@ def test_chart_draws_a_png_from_a_step_time_record(runs: dict[str, dict], tmp_pa
     results.write_text(json.dumps(runs["float32"]))
     chart.main([str(results), str(tmp_path / "chart.png")])
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (axes,) = chart.figure(runs["float32"]).axes
+    rows = [row for row in runs["float32"]["rows"] if row["method"] != "limit"]
+    assert [t.get_text() for t in axes.get_yticklabels()] == [row["method"] for row in rows]
+    times, saved = axes.containers  # bars as long as the recorded ratios
+    assert [bar.get_width() for bar in times] == [row["x_limit"] for row in rows]
+    assert [bar.get_width() for bar in saved] == [row["saved_vs_limit"] for row in rows]
 
 
 @pytest.mark.slow
@@ -164,3 +170,53 @@ def test_plan_memory_benchmark_plans_7b_and_matches_a_measured_step(tmp_path: Pa
     assert record["meta_apply"]["all_parameters_on_meta"] is True
     assert [p["method"] for p in record["plans_7b"][:3]] == ["full", "lora", "qlora"]
     assert all(0.85 <= row["ratio"] <= 1.15 for row in record["against_measured"])
+
+
+@pytest.mark.slow
+def test_compile_adds_a_compiled_twin_of_each_method_compared_to_eager_and_to_peft(tmp_path: Path) -> None:
+    out = tmp_path / "compiled.json"
+    step_time.main(
+        [
+            *("--hidden", str(HIDDEN), "--intermediate", str(INTERMEDIATE), "--layers", str(LAYERS)),
+            *("--vocab", "128", "--seq", "16", "--threads", "1", "--rounds", "2", "--warmup", "0"),
+            *("--methods", "lora,peft-lora", "--compile", "--json", str(out)),
+        ]
+    )
+    record = json.loads(out.read_text())
+    assert record["settings"]["warmup"] == 2  # the compiling steps are never timed
+    rows = _rows(record)
+    assert list(rows) == ["limit", "limit+compile", "lora", "lora+compile", "peft-lora", "peft-lora+compile"]
+    compiled, eager, theirs = rows["lora+compile"], rows["lora"], rows["peft-lora+compile"]
+    pairs = zip(compiled["times_s"], eager["times_s"], strict=True)
+    assert compiled["x_eager"] == pytest.approx(sum(c / e for c, e in pairs) / 2)
+    pairs = zip(compiled["times_s"], theirs["times_s"], strict=True)
+    assert compiled["x_peft"] == pytest.approx(sum(c / t for c, t in pairs) / 2)  # over peft compiled
+    assert compiled["trainable"] == eager["trainable"] and compiled["saved_mib"] == 0  # not counted
+
+
+def test_fit_step_times_lightning_and_the_plain_loop_on_the_same_batches(tmp_path: Path) -> None:
+    import fit_step
+
+    out = tmp_path / "fit_step.json"
+    argv = [
+        "--hidden",
+        "64",
+        "--vocab",
+        "128",
+        "--seq",
+        "16",
+        "--steps",
+        "4",
+        "--rounds",
+        "3",
+        "--threads",
+        "1",
+    ]
+    result = fit_step.main([*argv, "--no-progress-bar", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert len(record["rounds"]) == 3 and record["x_plain"] == pytest.approx(result["x_plain"])
+    ratios = sorted(r["lightning_s"] / r["plain_s"] for r in record["rounds"])
+    assert record["x_plain"] == pytest.approx(ratios[1])  # the median of the per-round ratios
+    assert record["x_plain_min"] == pytest.approx(ratios[0]) and record["x_plain_max"] == pytest.approx(
+        ratios[2]
+    )

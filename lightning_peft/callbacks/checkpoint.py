@@ -22,7 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import resolve_module
+from lightning_peft.callbacks.module_path import resolve_module
 from lightning_peft.formats.checkpoints import CHECKPOINT_KEY, checkpoint_entry, read_checkpoint, verify_zip
 from lightning_peft.strategies.base import APPLIED_ATTR
 from lightning_peft.strategies.state import load_trainable_state_dict

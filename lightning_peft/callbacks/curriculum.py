@@ -41,8 +41,9 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_peft.callbacks.model_hooks import is_waiting, stop_waiting, wait_for_model
-from lightning_peft.callbacks.peft import PEFT, missing_module_error, module_path_problems, resolve_module
-from lightning_peft.callbacks.phases import Phase, as_phases, sources
+from lightning_peft.callbacks.module_path import missing_module_error, module_path_problems, resolve_module
+from lightning_peft.callbacks.peft import PEFT
+from lightning_peft.callbacks.phases import Phase, as_phases, check_optimizers_hold, sources
 from lightning_peft.strategies.freeze import find_blocks
 from lightning_peft.strategies.modules_to_save import frozen_copy_prefixes
 from lightning_peft.strategies.named import adapter_names, set_active_adapters
@@ -306,7 +307,7 @@ class CurriculumSchedule(Callback):
         if is_waiting(self):  # setup() and configure_model() are over and no model came
             stop_waiting(self)
             raise missing_module_error("CurriculumSchedule", self.module, pl_module)
-        self._check_optimizers(trainer)
+        check_optimizers_hold(trainer.optimizers, self._params)
         # before the first loader is built; on a resume, self._position came from the checkpoint
         self._enter(trainer, pl_module, self.phase_at(self._position))
 
@@ -383,19 +384,3 @@ class CurriculumSchedule(Callback):
         else:
             getattr(self._data_owner(trainer, pl_module), self.set_data)(value)
         self._data_from = source
-
-    def _check_optimizers(self, trainer: pl.Trainer) -> None:
-        held = {
-            id(p)
-            for optimizer in trainer.optimizers
-            for group in optimizer.param_groups
-            for p in group["params"]
-        }
-        missing = [name for key, (name, _) in self._params.items() if key not in held]
-        if missing:
-            more = f", ... and {len(missing) - 8} more" if len(missing) > 8 else ""
-            raise ValueError(
-                f"CurriculumSchedule: no optimizer holds {len(missing)} parameters that phases train: "
-                f"{', '.join(missing[:8])}{more}. They require grad from the start (so DDP registers them): "
-                "build the optimizer from every parameter with requires_grad in configure_optimizers"
-            )

@@ -27,7 +27,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_peft.callbacks import loss_terms
-from lightning_peft.callbacks.peft import missing_module_error, module_path_problems, resolve_module
+from lightning_peft.callbacks.module_path import missing_module_error, module_path_problems, resolve_module
 from lightning_peft.strategies.base import adapter_modules, disable_adapters
 
 

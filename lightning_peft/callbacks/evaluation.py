@@ -3,9 +3,11 @@
 Classification (``accuracy``, ``f1``) and language-model (``perplexity``) metrics come from one extra
 forward per validation batch: ``module(**inputs)`` where ``inputs`` is the batch without ``labels``
 (``module`` is a dotted path, None for the LightningModule's own forward) and the output is the logits
-or has ``.logits``. Generation metrics (ROUGE-L, BLEU) come from ``generate`` on fixed prompts at the end
-of the epoch; a few samples are written to a JSONL file and printed. ``compare_base=True`` repeats every
-metric with the adapters disabled and logs it as ``base/<metric>``.
+or has ``.logits``. Generation metrics (ROUGE-L, BLEU) come from greedy completions of fixed prompts at
+the end of the epoch, made by :func:`lightning_peft.generation.generate.generate` (batched, left-padded
+prompts with an attention mask, any transformers causal LM); a few samples are written to a JSONL file
+and printed. ``compare_base=True`` repeats every metric with the adapters disabled and logs it as
+``base/<metric>``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import missing_module_error, resolve_module
+from lightning_peft.callbacks.module_path import missing_module_error, resolve_module
+from lightning_peft.generation.settings import GenerationSettings
 from lightning_peft.strategies.base import disable_adapters
 from lightning_peft.strategies.targeting import validation_error
 
@@ -41,8 +44,10 @@ class Evaluation(Callback):
         compare_base: also evaluate with every adapter disabled, logged as ``base/<metric>``.
         prompts, references: generation task: greedy continuations of ``prompts`` scored against
             ``references`` with ROUGE-L (F-measure) and BLEU; needs ``tokenizer`` (an object or a local
-            folder) and a ``module`` with ``generate``.
+            folder) and a ``module`` with ``generate`` (a transformers causal LM).
         max_new_tokens: generation length.
+        stop_strings: a continuation ends before the first of these (``["\\n"]`` for one-line answers).
+        batch_size: prompts generated together (left-padded; greedy text does not depend on it).
         samples_file: JSONL of prompt / generated / reference, written in the trainer's log folder.
         num_samples: how many samples are printed.
 
@@ -61,6 +66,8 @@ class Evaluation(Callback):
         references: Sequence[str] | None = None,
         tokenizer: Any = None,
         max_new_tokens: int = 16,
+        stop_strings: Sequence[str] = (),
+        batch_size: int = 8,
         samples_file: str = "samples.jsonl",
         num_samples: int = 3,
     ) -> None:
@@ -78,8 +85,14 @@ class Evaluation(Callback):
             problems.append("prompts and references must both be given, with one reference per prompt")
         if prompts is not None and tokenizer is None:
             problems.append("generation metrics need a tokenizer (an object or a local folder)")
-        if max_new_tokens <= 0:
-            problems.append(f"max_new_tokens must be positive, got {max_new_tokens}")
+        try:
+            self.settings = GenerationSettings(
+                max_new_tokens=max_new_tokens,
+                stop_strings=stop_strings if isinstance(stop_strings, str) else list(stop_strings),
+                batch_size=batch_size,
+            )
+        except ValueError as err:
+            problems.append(str(err).removeprefix("invalid generation settings: "))
         validation_error("Evaluation", problems)
         self.num_classes = num_classes
         self.module = module
@@ -165,13 +178,16 @@ class Evaluation(Callback):
     ) -> None:
         from torchmetrics.text import BLEUScore, ROUGEScore
 
+        from lightning_peft.generation.generate import generate  # transformers loads only when used
+
         tokenizer = self._tokenizer()
-        generated = []
-        for prompt in self.prompts:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(pl_module.device)
-            with torch.no_grad():
-                out = target.generate(input_ids=ids, max_new_tokens=self.max_new_tokens, do_sample=False)
-            generated.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+        if not callable(getattr(target, "generate", None)):
+            raise ValueError(
+                f"Evaluation: generation metrics need module={self.module!r} to be a causal LM with "
+                f"generate(), and {type(target).__name__} has none"
+            )
+        records = generate(target, tokenizer, self.prompts, self.settings)
+        generated = [record["completion"].strip() for record in records]
         rouge = ROUGEScore(rouge_keys=("rougeL",))(generated, self.references)["rougeL_fmeasure"]
         bleu = BLEUScore()(generated, [[r] for r in self.references])
         pl_module.log(f"{prefix}rougeL", rouge)

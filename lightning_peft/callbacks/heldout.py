@@ -55,7 +55,7 @@ class HeldOutEvaluation(Callback):
         samples_file: str = "heldout_samples.jsonl",
         num_samples: int = 3,
     ) -> None:
-        from lightning_peft.data.datamodules import read_jsonl
+        from lightning_peft.data.records import read_jsonl
 
         problems = []
         if not Path(path).is_file():
@@ -107,7 +107,7 @@ class HeldOutEvaluation(Callback):
             path = Path(trainer.log_dir or trainer.default_root_dir) / self.samples_file
             earlier = []
             if path.is_file():
-                from lightning_peft.data.datamodules import read_jsonl
+                from lightning_peft.data.records import read_jsonl
 
                 earlier = [s for s in read_jsonl(path) if s.get("moment") != moment]
             write_jsonl(earlier + [{"moment": moment, **s} for s in samples], path, overwrite=True)

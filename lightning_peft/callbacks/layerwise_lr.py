@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import missing_module_error, module_path_problems, resolve_module
+from lightning_peft.callbacks.module_path import missing_module_error, module_path_problems, resolve_module
 
 
 def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.Module]:

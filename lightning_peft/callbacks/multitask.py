@@ -37,15 +37,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
 from lightning_peft.callbacks.model_hooks import is_waiting, stop_waiting, wait_for_model
-from lightning_peft.callbacks.peft import (
-    APPLIED_ATTR,
-    PEFT,
-    missing_module_error,
-    module_path_problems,
-    resolve_module,
-)
+from lightning_peft.callbacks.module_path import missing_module_error, module_path_problems, resolve_module
+from lightning_peft.callbacks.peft import PEFT
 from lightning_peft.data.mixing import MultiTaskLoader
-from lightning_peft.strategies.base import DEFAULT_ADAPTER, PEFTStrategy, adapter_modules, count_parameters
+from lightning_peft.strategies.base import (
+    APPLIED_ATTR,
+    DEFAULT_ADAPTER,
+    PEFTStrategy,
+    adapter_modules,
+    count_parameters,
+)
 from lightning_peft.strategies.compose import as_strategy
 from lightning_peft.strategies.named import adapter_names, add_adapter
 from lightning_peft.strategies.targeting import validation_error

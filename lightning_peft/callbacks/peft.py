@@ -33,36 +33,11 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_peft.callbacks.model_hooks import is_waiting, stop_waiting, wait_for_model
+from lightning_peft.callbacks.module_path import missing_module_error, module_path_problems, resolve_module
 from lightning_peft.formats.checkpoints import CHECKPOINT_KEY, FORMAT_VERSION
 from lightning_peft.strategies.base import APPLIED_ATTR, PEFTStrategy, adapter_modules, count_parameters
 from lightning_peft.strategies.compose import as_strategy
 from lightning_peft.strategies.state import clean_name, config_differences, mismatches, trainable_names
-
-
-def resolve_module(pl_module: nn.Module, path: str | None) -> nn.Module | None:
-    """The submodule at dotted ``path`` (the module itself for None), or None if it does not exist yet."""
-    if not path:
-        return pl_module
-    module: Any = pl_module
-    for part in path.split("."):
-        module = getattr(module, part, None)
-    return module if isinstance(module, nn.Module) else None
-
-
-def module_path_problems(module: Any) -> list[str]:
-    """``[]`` for a valid ``module=`` argument (None or a dotted attribute path), else the problem."""
-    if module is None or (isinstance(module, str) and all(module.split("."))):
-        return []
-    return [f"module must be a dotted attribute path like 'model' or 'backbone.encoder', got {module!r}"]
-
-
-def missing_module_error(owner: str, path: str | None, pl_module: nn.Module) -> ValueError:
-    """The error for a ``module=`` path that names nothing (yet): it lists the submodules that exist."""
-    children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
-    return ValueError(
-        f"{owner}(module={path!r}) found no model after setup() and configure_model(); "
-        f"submodules of {type(pl_module).__name__}: {children}"
-    )
 
 
 class PEFT(Callback):

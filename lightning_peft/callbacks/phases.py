@@ -113,3 +113,17 @@ def sources(phases: list[Phase], name: str) -> list[int | None]:
     for i, phase in enumerate(phases):
         sources.append(i if getattr(phase, name) is not None else (sources[-1] if sources else None))
     return sources
+
+
+def check_optimizers_hold(optimizers: Sequence[Any], params: Mapping[int, tuple[str, Any]]) -> None:
+    """Raise unless some optimizer holds each parameter that a phase trains (``params``: id -> (name,
+    parameter)); compared by identity, since two frozen tensors can be equal."""
+    held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for key, (name, _) in params.items() if key not in held]
+    if missing:
+        more = f", ... and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(
+            f"CurriculumSchedule: no optimizer holds {len(missing)} parameters that phases train: "
+            f"{', '.join(missing[:8])}{more}. They require grad from the start (so DDP registers them): "
+            "build the optimizer from every parameter with requires_grad in configure_optimizers"
+        )

@@ -1,96 +1,135 @@
-"""Training curves as a PNG, without matplotlib.
+"""Training curves and benchmark charts, drawn with matplotlib (``pip install "lightning-peft[plots]"``).
 
-``write_curves(metrics_csv, png)`` reads Lightning's CSV log and draws one polyline per
-series (``train_loss``, ``val_loss`` and the main metric when present) on a white canvas
-with grey axes. Each series is scaled to its own range. The legend at the top left names
-each series with its colour and its first and last values, in the order of ``SERIES``: blue
-train_loss, orange val_loss, green val_acc / val_ppl. ``render_bars`` draws the README's
-benchmark chart. Text uses a built-in 3 x 5 pixel font (digits, capitals, a few signs).
+``write_curves(metrics_csv, png)`` reads the ``metrics.csv`` that Lightning's ``CSVLogger`` writes and
+draws one panel per metric against the global step: ``train_loss`` and ``val_loss`` share the ``loss``
+panel (the same quantity, so their points line up at each validation step), and every other metric
+(``val_acc``, ``train_acc``, ``val_ppl``, ...) gets a panel of its own. Each panel shows its values as
+logged, on its own axis with ticks; a NaN or infinite value leaves a gap in its line.
+
+``render_bars`` draws a grouped horizontal bar chart (the README's benchmark chart).
+
+matplotlib is imported only when a chart is drawn, through its Agg canvas (no display, no pyplot state).
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
-import struct
-import zlib
+from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-SERIES = ("train_loss", "val_loss", "val_acc", "val_ppl")
-COLORS = {
-    "train_loss": (31, 119, 180),
-    "val_loss": (255, 127, 14),
-    "val_acc": (44, 160, 44),
-    "val_ppl": (44, 160, 44),
-}
-AXIS = (120, 120, 120)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "lightning-peft[plots]"'
+STAGES = ("train_", "val_", "test_")
+SUFFIXES = ("_step", "_epoch")  # Lightning's names for a metric logged both per step and per epoch
+NOT_METRICS = {"step", "epoch"}
 
 
-def read_series(metrics_csv: Path) -> dict[str, list[float]]:
-    """Values of each known series in ``metrics_csv``, in logging order, blanks skipped."""
-    series: dict[str, list[float]] = {}
+def read_metrics(metrics_csv: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+    """``{column: (steps, values)}`` of every metric column of Lightning's ``metrics_csv``.
+
+    Blank cells (a row logs only some metrics) are skipped; ``nan`` and ``inf`` are kept as NaN so a
+    line drawn from them has a gap. Columns are in the file's order.
+    """
+    series: dict[str, tuple[list[int], list[float]]] = {}
     with Path(metrics_csv).open(newline="") as f:
-        for row in csv.DictReader(f):
-            for name in SERIES:
-                for key in (name, f"{name}_epoch", f"{name}_step"):
-                    if row.get(key):
-                        series.setdefault(name, []).append(float(row[key]))
-                        break
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "step" not in reader.fieldnames:
+            raise ValueError(f"{metrics_csv} has no 'step' column; columns: {reader.fieldnames}")
+        names = [n for n in reader.fieldnames if n not in NOT_METRICS]
+        for row in reader:
+            if not row.get("step"):
+                continue
+            step = int(float(row["step"]))
+            for name in names:
+                value = _number(row.get(name))
+                if value is not None:
+                    steps, values = series.setdefault(name, ([], []))
+                    steps.append(step)
+                    values.append(value if math.isfinite(value) else math.nan)
     return series
 
 
-def encode_png(pixels: list[bytearray], width: int, height: int) -> bytes:
-    """An 8-bit RGB PNG from ``height`` rows of ``3 * width`` bytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    raw = b"".join(b"\x00" + bytes(row) for row in pixels)  # filter type 0 per row
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-    )
+def _number(cell: str | None) -> float | None:
+    try:
+        return float(cell) if cell else None
+    except ValueError:
+        return None
 
 
-def render(series: dict[str, list[float]], width: int = 480, height: int = 320) -> bytes:
-    """PNG bytes plotting each series against its own index, stretched to the full width, with a
-    legend (colour box, name, first -> last value) at the top left. NaN and infinite values leave a gap
-    in their line (and read ``NAN`` / ``INF`` in the legend)."""
-    canvas = _Canvas(width, height)
-
-    def line(x0: int, y0: int, x1: int, y1: int, color: tuple[int, int, int]) -> None:
-        steps = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for i in range(steps + 1):
-            x, y = round(x0 + (x1 - x0) * i / steps), round(y0 + (y1 - y0) * i / steps)
-            canvas.rect(x, y, x + 1, y + 1, color)
-
-    left, right, top, bottom = 30, width - 10, 10, height - 30
-    line(left, bottom, right, bottom, AXIS)
-    line(left, top, left, bottom, AXIS)
-    for k, (name, values) in enumerate((n, series[n]) for n in SERIES if series.get(n)):
-        color = COLORS[name]
-        canvas.rect(left + 8, top + 4 + 14 * k, left + 16, top + 12 + 14 * k, color)  # legend box
-        canvas.text(left + 22, top + 3 + 14 * k, f"{name} {values[0]:.3g} - {values[-1]:.3g}", AXIS)
-        finite = [v for v in values if math.isfinite(v)]
-        lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-        span = (hi - lo) or 1.0
-        points = [
-            (
-                left + round((right - left) * i / max(len(values) - 1, 1)),
-                bottom - round((bottom - top) * (v - lo) / span),
-            )
-            if math.isfinite(v)
-            else None
-            for i, v in enumerate(values)
-        ]
-        for start, end in zip(points, points[1:] or points, strict=False):
-            if start is not None and end is not None:  # a diverged value breaks the line
-                line(*start, *end, color)
-    return canvas.png()
+def panel_of(name: str) -> str:
+    """The panel a metric column is drawn on: ``loss`` for every loss of the task (``train_loss``,
+    ``val_loss``, ``train_loss_epoch``, ``train_loss/task_a``: the same quantity, so train and validation
+    share axes), otherwise the column's own name without Lightning's ``_step``/``_epoch`` suffix
+    (``val_acc``, ``train_acc``, ``base/val_acc``)."""
+    parts = name.split("/")
+    part = next((p for p in parts if p.startswith(STAGES)), parts[0])
+    for prefix in STAGES:
+        part = part.removeprefix(prefix)
+    for suffix in SUFFIXES:
+        part = part.removesuffix(suffix)
+        name = name.removesuffix(suffix)
+    return "loss" if part == "loss" else name
 
 
-def write_curves(metrics_csv: Path, png: Path) -> Path:
-    """Render the curves in Lightning's ``metrics_csv`` to ``png``; returns ``png``.
+def curves_figure(metrics_csv: str | Path) -> Figure:
+    """A matplotlib ``Figure`` of the metrics in ``metrics_csv``: one panel per :func:`panel_of`, the
+    ``loss`` panel first and the others in the file's column order, x = the global step, y = the values
+    as logged (each panel on its own scale, with ticks and a legend)."""
+    series = read_metrics(metrics_csv)
+    if not series:
+        raise ValueError(f"{metrics_csv} holds no metric values")
+    panels: dict[str, list[str]] = {}
+    for name in sorted(series, key=lambda n: panel_of(n) != "loss"):  # stable: file order otherwise
+        panels.setdefault(panel_of(name), []).append(name)
+    figure = _figure(len(panels))
+    for axes, (title, names) in zip(figure.axes, panels.items(), strict=False):
+        for name in names:
+            steps, values = series[name]
+            marker = "o" if len(steps) <= 60 else None  # sparse validation points stay visible
+            axes.plot(steps, values, marker=marker, markersize=3, linewidth=1.5, label=name)
+        axes.set_title(title)
+        axes.set_xlabel("step")
+        axes.set_ylabel(title)
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize="small")
+    for axes in figure.axes[1 : len(panels)]:
+        axes.sharex(figure.axes[0])  # one step range for all panels, every panel keeping its tick labels
+    for axes in figure.axes[len(panels) :]:
+        axes.set_visible(False)
+    return figure
+
+
+def _figure(panels: int) -> Figure:
+    """An empty figure on matplotlib's Agg canvas with a grid of ``panels`` axes, three to a row."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = min(panels, 3)
+    rows = math.ceil(panels / columns)
+    figure = Figure(figsize=(4.8 * columns, 3.6 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.subplots(rows, columns, squeeze=False)
+    return figure
+
+
+def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
+    """``figure`` encoded as PNG by matplotlib."""
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def write_curves(metrics_csv: str | Path, png: str | Path) -> Path:
+    """Draw the curves in Lightning's ``metrics_csv`` (:func:`curves_figure`) and write them to ``png``
+    atomically; returns ``png``. Needs matplotlib (the ``plots`` extra).
 
     Example::
 
@@ -98,130 +137,77 @@ def write_curves(metrics_csv: Path, png: Path) -> Path:
     """
     from lightning_peft.formats.files import write_bytes
 
-    return write_bytes(png, render(read_series(metrics_csv)))
+    return write_bytes(png, png_bytes(curves_figure(metrics_csv)))
 
 
-# A 3 x 5 pixel font (drawn at twice its size) for chart labels: digits, capitals, a few signs.
-_GLYPHS = {
-    "0": "###,#.#,#.#,#.#,###",
-    "1": ".#.,##.,.#.,.#.,###",
-    "2": "###,..#,###,#..,###",
-    "3": "###,..#,###,..#,###",
-    "4": "#.#,#.#,###,..#,..#",
-    "5": "###,#..,###,..#,###",
-    "6": "###,#..,###,#.#,###",
-    "7": "###,..#,..#,..#,..#",
-    "8": "###,#.#,###,#.#,###",
-    "9": "###,#.#,###,..#,###",
-    ".": "...,...,...,...,.#.",
-    "-": "...,...,###,...,...",
-    " ": "...,...,...,...,...",
-    "(": ".#.,#..,#..,#..,.#.",
-    ")": ".#.,..#,..#,..#,.#.",
-    "/": "..#,..#,.#.,#..,#..",
-    ":": "...,.#.,...,.#.,...",
-    "=": "...,###,...,###,...",
-    "+": "...,.#.,###,.#.,...",
-    "_": "...,...,...,...,###",
-    "A": ".#.,#.#,###,#.#,#.#",
-    "B": "##.,#.#,##.,#.#,##.",
-    "C": ".##,#..,#..,#..,.##",
-    "D": "##.,#.#,#.#,#.#,##.",
-    "E": "###,#..,##.,#..,###",
-    "F": "###,#..,##.,#..,#..",
-    "G": ".##,#..,#.#,#.#,.##",
-    "H": "#.#,#.#,###,#.#,#.#",
-    "I": "###,.#.,.#.,.#.,###",
-    "J": "..#,..#,..#,#.#,.#.",
-    "K": "#.#,#.#,##.,#.#,#.#",
-    "L": "#..,#..,#..,#..,###",
-    "M": "#.#,###,###,#.#,#.#",
-    "N": "##.,#.#,#.#,#.#,#.#",
-    "O": ".#.,#.#,#.#,#.#,.#.",
-    "P": "##.,#.#,##.,#..,#..",
-    "Q": ".#.,#.#,#.#,##.,.##",
-    "R": "##.,#.#,##.,#.#,#.#",
-    "S": ".##,#..,.#.,..#,##.",
-    "T": "###,.#.,.#.,.#.,.#.",
-    "U": "#.#,#.#,#.#,#.#,###",
-    "V": "#.#,#.#,#.#,#.#,.#.",
-    "W": "#.#,#.#,###,###,#.#",
-    "X": "#.#,#.#,.#.,#.#,#.#",
-    "Y": "#.#,#.#,.#.,.#.,.#.",
-    "Z": "###,..#,.#.,#..,###",
-}
-_SCALE = 2  # font pixels per glyph pixel
-_ADVANCE = 4 * _SCALE  # glyph width plus one column of space
+def write_curves_or_skip(metrics_csv: str | Path, png: str | Path) -> Path | None:
+    """:func:`write_curves`, or one INFO line saying why there are no curves (``None``, nothing
+    written): without matplotlib, how to get it; for a log with nothing to draw, what is missing. A
+    finished run must not fail for its chart."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.info("skipped %s: matplotlib is not installed; %s to get training curves", png, INSTALL_HINT)
+        return None
+    try:
+        written = write_curves(metrics_csv, png)
+    except ValueError as error:  # no step column, no values
+        log.info("skipped %s: %s", png, error)
+        return None
+    log.info("wrote %s", written)
+    return written
 
 
-class _Canvas:
-    """White RGB pixels with the few drawing operations the charts need."""
+def bars_figure(
+    title: str,
+    groups: Sequence[tuple[str, Sequence[float | None]]],
+    series: Sequence[str],
+    reference: float | None = 1.0,
+    xlabel: str = "",
+) -> Figure:
+    """A horizontal grouped bar chart: one group per label (top to bottom in the given order), one bar
+    per series, each bar labelled with its value, a dashed line at ``reference``.
 
-    def __init__(self, width: int, height: int) -> None:
-        self.width, self.height = width, height
-        self.pixels = [bytearray(b"\xff" * 3 * width) for _ in range(height)]
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, color: tuple[int, int, int]) -> None:
-        for y in range(max(y0, 0), min(y1, self.height)):
-            for x in range(max(x0, 0), min(x1, self.width)):
-                self.pixels[y][3 * x : 3 * x + 3] = bytes(color)
-
-    def text(self, x: int, y: int, text: str, color: tuple[int, int, int] = (0, 0, 0)) -> None:
-        for k, char in enumerate(text.upper()):
-            rows = _GLYPHS.get(char, _GLYPHS[" "]).split(",")
-            for gy, row in enumerate(rows):
-                for gx, cell in enumerate(row):
-                    if cell == "#":
-                        left, top = x + k * _ADVANCE + gx * _SCALE, y + gy * _SCALE
-                        self.rect(left, top, left + _SCALE, top + _SCALE, color)
-
-    def png(self) -> bytes:
-        return encode_png(self.pixels, self.width, self.height)
+    ``groups`` is ``[(label, [value per series, or None for no bar]), ...]``.
+    """
+    problems = [label for label, values in groups if len(values) != len(series)]
+    if problems:
+        raise ValueError(f"groups {problems} do not hold one value per series {list(series)}")
+    figure = _figure(1)
+    axes = figure.axes[0]
+    figure.set_size_inches(8, 1.5 + 0.3 * len(series) * len(groups))
+    height = 0.8 / len(series)
+    for k, name in enumerate(series):
+        rows = [(i, values[k]) for i, (_, values) in enumerate(groups) if values[k] is not None]
+        offsets = [i - 0.4 + height * (k + 0.5) for i, _ in rows]
+        bars = axes.barh(offsets, [v for _, v in rows], height=height, label=name)
+        # a white box keeps a label readable where it crosses the reference line
+        box = {"facecolor": "white", "edgecolor": "none", "pad": 0.5}
+        axes.bar_label(bars, fmt="%.2f", padding=3, fontsize="small", bbox=box)
+    if reference is not None:
+        axes.axvline(reference, color="0.3", linestyle="--", linewidth=1)
+    axes.set_yticks(range(len(groups)), [label for label, _ in groups])
+    axes.invert_yaxis()  # the first group on top
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.margins(x=0.1)  # room for the value labels
+    axes.grid(True, axis="x", alpha=0.3)
+    figure.legend(loc="outside lower center", ncols=len(series))
+    return figure
 
 
 def render_bars(
     title: str,
-    groups: list[tuple[str, list[float | None]]],
-    series: list[tuple[str, tuple[int, int, int]]],
-    reference: float = 1.0,
-    width: int = 640,
+    groups: Sequence[tuple[str, Sequence[float | None]]],
+    series: Sequence[str],
+    reference: float | None = 1.0,
+    xlabel: str = "",
 ) -> bytes:
-    """A horizontal grouped bar chart as PNG bytes: one group of bars per label, one bar per series.
-
-    ``groups`` is ``[(label, [value per series or None]), ...]``; each bar is annotated with its
-    value, a dashed line marks ``reference`` (e.g. 1.0 = the frozen-model limit), and the legend
-    names the series under the title.
+    """:func:`bars_figure` as PNG bytes.
 
     Example::
 
-        png = render_bars("STEP TIME / LIMIT", [("LORA", [1.07, 1.21]), ("DORA", [1.14, 1.56])],
-                          [("TIME", (31, 119, 180)), ("SAVED", (255, 127, 14))])
+        png = render_bars("step time / limit", [("lora", [1.07, 1.21]), ("dora", [1.14, 1.56])],
+                          ["time", "saved activations"])
     """
-    bar, gap, label_width = 12, 10, max(len(label) for label, _ in groups) * _ADVANCE + 12
-    top = 16 + 14 * (len(series) + 1)
-    height = top + len(groups) * (bar * len(series) + gap) + 10
-    canvas = _Canvas(width, height)
-    canvas.text(8, 6, title)
-    for k, (name, color) in enumerate(series):
-        canvas.rect(8, 20 + 14 * k, 18, 30 + 14 * k, color)
-        canvas.text(24, 20 + 14 * k, name)
-    values = [v for _, row in groups for v in row if v is not None]
-    longest = max([*values, reference]) * 1.08
-    left, right = label_width, width - 8 * _ADVANCE
-
-    def x_of(value: float) -> int:
-        return left + round((right - left) * value / longest)
-
-    y = top
-    for label, row in groups:
-        canvas.text(8, y + (bar * len(series) - 10) // 2, label)
-        for value, (_, color) in zip(row, series, strict=True):
-            if value is not None:
-                canvas.rect(left, y + 1, x_of(value), y + bar - 1, color)
-                canvas.text(x_of(value) + 4, y + 1, f"{value:.2f}")
-            y += bar
-        y += gap
-    for dash in range(top - 4, height - 6, 6):  # the reference line
-        canvas.rect(x_of(reference), dash, x_of(reference) + 1, dash + 3, AXIS)
-    canvas.rect(left, top - 4, left + 1, height - 6, AXIS)
-    return canvas.png()
+    return png_bytes(bars_figure(title, groups, series, reference, xlabel))

@@ -23,9 +23,6 @@ says which failed and why.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import os
 import warnings
@@ -35,144 +32,12 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_peft.cli.compose import FinalCheckpoint, build_callbacks, instantiate, trainer_strategy
 from lightning_peft.formats.files import json_text, write_text
 
 log = logging.getLogger(__name__)
-
-
-SWEEP_FAILURES: list[str] = []  # the jobs of the last -m sweep that failed (SweepSummary fills it)
-
-
-def instantiate(node: Any, **kwargs: Any) -> Any:
-    """Hydra's ``instantiate``, with a bad value reported as the constructor's own error.
-
-    Hydra wraps what a constructor raises in an ``InstantiationException`` that shows the error's repr,
-    which prints the line breaks of our multi-problem messages as a literal ``\\n``.
-    """
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate as hydra_instantiate
-
-    try:
-        return hydra_instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if type(cause) not in (ValueError, TypeError):
-            raise
-        target = node.get("_target_") if isinstance(node, DictConfig) else None
-        raise type(cause)(f"{target}: {cause}" if target else str(cause)) from None
-
-
-def build_callbacks(cfg: DictConfig) -> list[Any]:
-    """The ``PEFT`` callback first, then every entry of ``callbacks`` and ``schedule`` that is set."""
-    from lightning_peft.callbacks.peft import PEFT
-
-    strategy = instantiate(_strategy_node(cfg), _convert_="all")
-    head = cfg.get("peft_head")
-    if head and not _has_field(cfg.peft, "modules_to_save") and not _has_field(cfg.peft, "trainable_modules"):
-        from lightning_peft.strategies import Compose, Freeze
-
-        # prompt and prefix tuning have no modules_to_save: the head beside the model trains through Freeze
-        strategy = Compose([strategy, Freeze(trainable_modules=list(head))])
-    callbacks = [
-        PEFT(
-            strategy,
-            module=cfg.get("peft_module"),
-            stop_on_non_finite_loss=cfg.get("stop_on_non_finite_loss", True),
-        )
-    ]
-    for group in ("callbacks", "schedule"):
-        node = cfg.get(group) or {}
-        # a group holds one callback (a node with _target_) or several keyed by name
-        entries = {group: node} if "_target_" in node else dict(node)
-        for name, entry in entries.items():
-            if entry is not None and "_target_" in entry:
-                callbacks.append(instantiate(entry, _convert_="all"))
-            elif entry is not None:
-                raise ValueError(f"{group}.{name} has no _target_; every entry must name a class")
-    return callbacks
-
-
-def _fields(node: DictConfig) -> set[str] | None:
-    import dataclasses
-
-    from hydra.utils import get_class
-
-    target = get_class(node._target_)
-    if not dataclasses.is_dataclass(target):
-        return None
-    return {f.name for f in dataclasses.fields(target) if f.init}
-
-
-def _has_field(node: DictConfig, name: str) -> bool:
-    return name in (_fields(node) or ())
-
-
-def _strategy_node(cfg: DictConfig) -> DictConfig:
-    """``cfg.peft`` with the model's head (``peft_head``) added to what trains whole; a key the method does
-    not take is an error, since a run or a sweep over it would silently train something else."""
-    node = cfg.peft
-    fields = _fields(node)
-    if fields is None:
-        return node
-    extra = [k for k in node if k != "_target_" and k not in fields]
-    if extra:
-        choice = HydraConfig.get().runtime.choices.get("peft") if HydraConfig.initialized() else None
-        raise ValueError(
-            f"peft{'=' + choice if choice else ''} ({node._target_.rpartition('.')[2]}) takes no "
-            f"{', '.join(extra)}; its options: {', '.join(sorted(fields))}"
-        )
-    head = cfg.get("peft_head")
-    if not head:
-        return node
-    data = OmegaConf.to_container(node, resolve=True)
-    for key in ("modules_to_save", "trainable_modules"):
-        if key in fields:
-            own = data.get(key)
-            if isinstance(own, str):  # a regex: the head is the user's to include
-                continue
-            data[key] = list(dict.fromkeys([*(own or []), *head]))
-    return OmegaConf.create(data)
-
-
-class FinalCheckpoint(L.Callback):
-    """Writes the adapter-only checkpoint when training ends, inside the training processes: under
-    ``ddp_spawn`` the main process's module never carries the adapters, so it cannot write one."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # a full save, so that the PEFT callback's on_save_checkpoint records the strategy at the top of
-        # the file as well; the optimizer state it adds is adapter-sized
-        trainer.save_checkpoint(self.path, weights_only=False)
-
-
-def _trainer_strategy(cfg: DictConfig) -> str | None:
-    """The Lightning strategy to use instead of the configured one, if any: inside a ``-m`` sweep ``ddp``
-    becomes ``ddp_spawn``, since ``ddp`` starts its other ranks by re-running the command line, which
-    would run the whole sweep again in each of them."""
-    from hydra.types import RunMode
-
-    name = cfg.trainer.get("strategy")
-    if not (isinstance(name, str) and name.startswith("ddp") and "spawn" not in name):
-        return None
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    spawned = name.replace("ddp", "ddp_spawn", 1)
-    if spawned not in StrategyRegistry:
-        raise ValueError(
-            f"trainer.strategy={name} re-runs the command line in its other processes, which a -m sweep does "
-            "not survive; use a spawning strategy (ddp_spawn) in sweeps"
-        )
-    log.warning(
-        "trainer.strategy=%s inside a -m sweep runs as %s (ddp would re-run the sweep)", name, spawned
-    )
-    return spawned
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -180,24 +45,48 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     The adapter is exported from the best checkpoint when a ``ModelCheckpoint`` monitors a metric,
     otherwise from ``checkpoints/last-adapter.ckpt``; only rank 0 exports, after every rank is done."""
-    from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.plugins.io import CheckpointIO
-
-    from lightning_peft.callbacks.checkpoint import AtomicCheckpointIO
-
     out = (
         Path(HydraConfig.get().runtime.output_dir)
         if HydraConfig.initialized()
         else Path(cfg.get("output_dir", "."))
     )
+    final = out / "checkpoints" / "last-adapter.ckpt"
+    trainer, module, datamodule, log_dir = _fit(cfg, out, final)
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if not trainer.is_global_zero:
+        return metrics
+    import torch
+
+    # read from the file: under ddp_spawn this process's Trainer did not train, so it keeps no step count
+    metrics["global_step"] = int(torch.load(final, weights_only=True, map_location="cpu")["global_step"])
+    record = _export(cfg, trainer, module, datamodule, out, final)
+    record["metrics"] = metrics
+    metrics_file = out / "metrics.json"
+    write_text(metrics_file, json_text(record, indent=2) + "\n")  # NaN -> null: valid JSON
+    log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    log.info("wrote %s, %s (from %s) and %s", final, out / "adapter", record["adapter_from"], metrics_file)
+    # training curves next to metrics.json, drawn from Lightning's CSV log (when matplotlib is installed)
+    csv_log = log_dir / "metrics.csv"
+    if csv_log.is_file():
+        from lightning_peft.cli.curves import write_curves_or_skip
+
+        write_curves_or_skip(csv_log, out / "curves.png")
+    return metrics
+
+
+def _fit(cfg: DictConfig, out: Path, final: Path) -> tuple[L.Trainer, Any, Any, Path]:
+    """Build everything from ``cfg`` and train; ``final`` holds the adapter-only checkpoint afterwards."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    from lightning_peft.callbacks.checkpoint import AtomicCheckpointIO
+
     L.seed_everything(cfg.seed, workers=True)
     # built before the Trainer: a bad value (negative r, unknown key) fails here, before any training
-    callbacks = build_callbacks(cfg)
-    final = out / "checkpoints" / "last-adapter.ckpt"
-    callbacks.append(FinalCheckpoint(final))
+    callbacks = [*build_callbacks(cfg), FinalCheckpoint(final)]
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.model, _convert_="all")
-    strategy = _trainer_strategy(cfg)
+    strategy = trainer_strategy(cfg)
     # checkpoints are written beside their final name, never moved in from $TMPDIR (see AtomicCheckpointIO)
     plugins = list(instantiate(cfg.trainer.get("plugins") or [], _convert_="all"))
     if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -211,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         _convert_="all",
         **({"strategy": strategy} if strategy else {}),
     )
-    # fixed now: processes that ddp_spawn starts get this logger, with its version, and log there
+    # read now, which fixes the version: processes that ddp_spawn starts get this logger and log there
     log_dir = Path(trainer.logger.log_dir)
     with warnings.catch_warnings():
         # lightning <= 2.6.6 calls a torch pytree API that torch 2.13 deprecates, on every batch
@@ -220,14 +109,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not final.is_file() and trainer.strategy.launcher is None:
         # resuming a run that had already finished trains nothing and Lightning calls no on_train_end
         trainer.save_checkpoint(final, weights_only=False)
+    return trainer, module, datamodule, log_dir
 
-    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if not trainer.is_global_zero:
-        return metrics
-    import torch
 
-    # read from the file: under ddp_spawn this process's Trainer did not train, so it keeps no step count
-    metrics["global_step"] = int(torch.load(final, weights_only=True, map_location="cpu")["global_step"])
+def _export(
+    cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: Any, out: Path, final: Path
+) -> dict:
+    """Export the adapter (and the merged model if asked) from the best or the last checkpoint; returns
+    the record for ``metrics.json``."""
     from lightning_peft.formats import export_adapter
 
     best = _best_checkpoint(trainer)
@@ -248,7 +137,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         root=root,
     )
     record = {
-        "metrics": metrics,
         "checkpoint": str(final),
         "best_checkpoint": str(best) if best else None,
         "adapter": str(written.path),
@@ -261,17 +149,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("adapter: %s", written.note)
     if cfg.get("export_merged"):
         record["merged"] = _export_merged(module, source, out / "merged", tokenizer)
-    metrics_file = out / "metrics.json"
-    write_text(metrics_file, json_text(record, indent=2) + "\n")  # NaN -> null: valid JSON
-    log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-    log.info("wrote %s, %s (from %s) and %s", final, out / "adapter", source.name, metrics_file)
-    # training curves next to metrics.json, drawn from Lightning's CSV log
-    csv_log = log_dir / "metrics.csv"
-    if csv_log.is_file():
-        from lightning_peft.cli.curves import write_curves
-
-        log.info("wrote %s", write_curves(csv_log, out / "curves.png"))
-    return metrics
+    return record
 
 
 def _task_type(module: Any, cfg: DictConfig) -> str | None:
@@ -361,84 +239,6 @@ def _print_each_log_line_once() -> None:
             if type(handler) is logging.StreamHandler:  # Lightning's own console handler, not a file
                 logger.removeHandler(handler)
         logger.propagate = True
-
-
-class SweepSummary(HydraCallback):
-    """Hydra callback: after a ``-m`` sweep, one table of every job: its overrides, status (ok or failed),
-    final metrics, and for a failed job its error line. Failed jobs are also kept in ``SWEEP_FAILURES``
-    (``lightning-peft fit`` exits with their number)."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-
-        from lightning_peft.formats.files import write_text
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = []
-        jobs = (
-            sorted(
-                (
-                    p
-                    for p in sweep_dir.iterdir()
-                    if (p / "metrics.json").is_file() or (p / "failed.json").is_file()
-                ),
-                key=lambda p: _job_number(p.name),
-            )
-            if sweep_dir.is_dir()
-            else []
-        )
-        SWEEP_FAILURES.clear()
-        for job in jobs:
-            if (job / "failed.json").is_file():
-                record = json.loads((job / "failed.json").read_text())
-                rows.append(
-                    {
-                        "job": job.name,
-                        "status": "failed",
-                        "overrides": " ".join(record["overrides"]),
-                        "error": record["error"],
-                    }
-                )
-                SWEEP_FAILURES.append(job.name)
-                continue
-            record = json.loads((job / "metrics.json").read_text())
-            rows.append(
-                {
-                    "job": job.name,
-                    "status": "ok",
-                    "overrides": " ".join(record["overrides"]),
-                    **record["metrics"],
-                }
-            )
-        if not rows:
-            log.warning("no job of the sweep in %s wrote metrics.json or failed.json", sweep_dir)
-            return
-        columns = list(dict.fromkeys(k for row in rows for k in row if k != "error"))
-        if SWEEP_FAILURES:
-            columns.append("error")
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text(sweep_dir / "summary.csv", table.getvalue())
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += [
-            "| " + " | ".join(_cell(row.get(c)).replace("|", "\\|") for c in columns) + " |" for row in rows
-        ]
-        write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
-        print("\n".join(lines))
-        print(f"sweep summary: {sweep_dir / 'summary.csv'}")
-        if SWEEP_FAILURES:
-            print(f"{len(SWEEP_FAILURES)} of {len(rows)} jobs failed: {', '.join(SWEEP_FAILURES)}")
-
-
-def _job_number(name: str) -> int:
-    return int(name) if name.isdigit() else 1 << 30
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
 
 
 def config_yaml(cfg: DictConfig) -> str:

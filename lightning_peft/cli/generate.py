@@ -12,6 +12,7 @@ import re
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from lightning_peft.cli.common import EXIT_OK, UsageError, progress
 from lightning_peft.generation.settings import DEFAULT_SETTINGS_FILE, GenerationSettings
@@ -41,7 +42,18 @@ num_tokens, stop_reason (eos, stop_string or length), stop_string, sequence, set
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_argument_group("model")
+    _add_model_arguments(parser.add_argument_group("model"))
+    _add_prompt_arguments(parser.add_argument_group("prompts"))
+    _add_settings_arguments(parser.add_argument_group("settings (override --config)"))
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--stream", action=argparse.BooleanOptionalAction, help="stream completions to stdout"
+    )
+    output.add_argument("--jsonl", metavar="OUT", help="write one JSON object per completion to OUT")
+    output.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def _add_model_arguments(source: argparse._ArgumentGroup) -> None:
     source.add_argument("--model", metavar="DIR", help="a whole transformers model folder")
     source.add_argument("--base", metavar="DIR", help="the base model folder, with --adapter or --checkpoint")
     source.add_argument(
@@ -54,7 +66,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", metavar="DIR", help="tokenizer folder (default: adapter, then model folder)"
     )
     source.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    text = parser.add_argument_group("prompts")
+
+
+def _add_prompt_arguments(text: argparse._ArgumentGroup) -> None:
     text.add_argument("prompt_args", nargs="*", metavar="PROMPT", help="prompts to complete")
     text.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     text.add_argument("--prompts", metavar="FILE", help="prompts, one per line, or a .jsonl file")
@@ -64,7 +78,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="format prompts with a prompt template (alpaca, chat, or a YAML file): a .jsonl record's "
         "fields fill it, a plain prompt is the instruction",
     )
-    controls = parser.add_argument_group("settings (override --config)")
+
+
+def _add_settings_arguments(controls: argparse._ArgumentGroup) -> None:
     controls.add_argument(
         "--config",
         metavar="FILE",
@@ -78,59 +94,27 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     controls.add_argument("--top-p", type=float, metavar="P")
     controls.add_argument("--top-k", type=int, metavar="K")
     controls.add_argument("--repetition-penalty", type=float, metavar="R")
-    controls.add_argument(
-        "--stop",
-        dest="stop_strings",
-        action="append",
-        metavar="TEXT",
-        help="stop string (repeatable; replaces the list in --config)",
-    )
-    controls.add_argument(
-        "--ban",
-        dest="bad_words",
-        action="append",
-        metavar="WORD",
-        help="banned word (repeatable; replaces the list in --config)",
-    )
-    controls.add_argument(
-        "--force",
-        dest="force_words",
-        action="append",
-        metavar="WORD",
-        help="forced word (repeatable; replaces the list in --config)",
-    )
+    for flag, dest, metavar, what in (
+        ("--stop", "stop_strings", "TEXT", "stop string"),
+        ("--ban", "bad_words", "WORD", "banned word"),
+        ("--force", "force_words", "WORD", "forced word"),
+    ):
+        controls.add_argument(
+            flag,
+            dest=dest,
+            action="append",
+            metavar=metavar,
+            help=f"{what} (repeatable; replaces the list in --config)",
+        )
     controls.add_argument("--seed", type=int, metavar="N")
     controls.add_argument("--num-return-sequences", type=int, metavar="N")
     controls.add_argument("--batch-size", type=int, metavar="N")
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--stream", action=argparse.BooleanOptionalAction, help="stream completions to stdout"
-    )
-    output.add_argument("--jsonl", metavar="OUT", help="write one JSON object per completion to OUT")
-    output.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def run_generate(args: argparse.Namespace) -> int:
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.model and (args.base or args.adapter or args.checkpoint):
-        raise UsageError("--model is a whole model folder; --adapter and --checkpoint go with --base")
-    if not args.model and not args.base:
-        raise UsageError("pass --model DIR, or --base DIR with --adapter DIR or --checkpoint CKPT")
-    if args.base and (args.adapter is None) == (args.checkpoint is None):
-        raise UsageError("--base needs one of --adapter DIR or --checkpoint CKPT")
-    inline = [*args.prompt_args, *args.prompt]
-    if args.prompts and inline:
-        raise UsageError("give prompts on the command line or with --prompts FILE, not both")
-    if not args.prompts and not inline:
-        raise UsageError("no prompt: pass PROMPT, --prompt TEXT or --prompts FILE")
-    overrides = {f.name: getattr(args, f.name) for f in fields(GenerationSettings)}
-    if args.stop_strings:
-        overrides["stop_strings"] = [_unescape(stop) for stop in args.stop_strings]
-    try:
-        settings = GenerationSettings.from_file(args.config or DEFAULT_SETTINGS_FILE, **overrides)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    _check_sources(args)
+    settings = _settings(args)
     single = settings.batch_size == 1 and settings.num_return_sequences == 1
     if args.stream and not single:
         raise UsageError(
@@ -142,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.prompts and not Path(args.prompts).is_file():
         raise FileNotFoundError(f"no prompt file at {args.prompts}")
     # torch and transformers load only now, once the arguments make sense
-    from lightning_peft.generation.generate import generate, load_for_generation, read_prompts, write_jsonl
+    from lightning_peft.generation.generate import generate, load_for_generation, write_jsonl
     from lightning_peft.generation.templates import load_template
 
     try:
@@ -162,18 +146,7 @@ def run_generate(args: argparse.Namespace) -> int:
         device=args.device,
         progress=progress,
     )
-    if template is None:
-        prompts = read_prompts(args.prompts) if args.prompts else inline
-    else:  # formatted once the tokenizer is loaded: a chat template lives in it
-
-        def fill(record: dict) -> str:
-            return template.prompt_text(record, tokenizer)
-
-        if args.prompts and Path(args.prompts).suffix == ".jsonl":
-            prompts = read_prompts(args.prompts, format_record=fill)
-        else:
-            lines = read_prompts(args.prompts) if args.prompts else inline
-            prompts = [fill({"instruction": line, "input": ""}) for line in lines]
+    prompts = _prompts(args, template, tokenizer)
     progress(f"generating {len(prompts)} prompt{'s' * (len(prompts) != 1)}")
     records = generate(model, tokenizer, prompts, settings, stream=sys.stdout if stream else None)
     if not stream and not args.jsonl:
@@ -183,6 +156,49 @@ def run_generate(args: argparse.Namespace) -> int:
         write_jsonl(records, args.jsonl, overwrite=args.overwrite)
         progress(f"wrote {len(records)} completions to {args.jsonl}")
     return EXIT_OK
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    """One model source and one prompt source, or a usage error saying what to pass."""
+    if args.model and (args.base or args.adapter or args.checkpoint):
+        raise UsageError("--model is a whole model folder; --adapter and --checkpoint go with --base")
+    if not args.model and not args.base:
+        raise UsageError("pass --model DIR, or --base DIR with --adapter DIR or --checkpoint CKPT")
+    if args.base and (args.adapter is None) == (args.checkpoint is None):
+        raise UsageError("--base needs one of --adapter DIR or --checkpoint CKPT")
+    inline = [*args.prompt_args, *args.prompt]
+    if args.prompts and inline:
+        raise UsageError("give prompts on the command line or with --prompts FILE, not both")
+    if not args.prompts and not inline:
+        raise UsageError("no prompt: pass PROMPT, --prompt TEXT or --prompts FILE")
+
+
+def _settings(args: argparse.Namespace) -> GenerationSettings:
+    """The --config file (or the shipped defaults) with the flags given replacing its values."""
+    overrides = {f.name: getattr(args, f.name) for f in fields(GenerationSettings)}
+    if args.stop_strings:
+        overrides["stop_strings"] = [_unescape(stop) for stop in args.stop_strings]
+    try:
+        return GenerationSettings.from_file(args.config or DEFAULT_SETTINGS_FILE, **overrides)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def _prompts(args: argparse.Namespace, template: Any, tokenizer: Any) -> list[str]:
+    """The prompts, formatted by ``template`` once the tokenizer is loaded (a chat template lives in it)."""
+    from lightning_peft.generation.generate import read_prompts
+
+    inline = [*args.prompt_args, *args.prompt]
+    if template is None:
+        return read_prompts(args.prompts) if args.prompts else inline
+
+    def fill(record: dict) -> str:
+        return template.prompt_text(record, tokenizer)
+
+    if args.prompts and Path(args.prompts).suffix == ".jsonl":
+        return read_prompts(args.prompts, format_record=fill)
+    lines = read_prompts(args.prompts) if args.prompts else inline
+    return [fill({"instruction": line, "input": ""}) for line in lines]
 
 
 def _unescape(text: str) -> str:

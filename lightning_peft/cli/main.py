@@ -43,7 +43,7 @@ def run_fit(overrides: Sequence[str]) -> int:
     import importlib.util
 
     import __main__
-    from lightning_peft.cli import fit
+    from lightning_peft.cli import fit, sweep
 
     saved_argv, saved_spec = sys.argv, getattr(__main__, "__spec__", None)
     sys.argv = ["lightning-peft fit", *overrides]
@@ -51,7 +51,7 @@ def run_fit(overrides: Sequence[str]) -> int:
     # (or `python <sys.argv[0]> ...` without a spec). Naming lightning_peft.cli.fit as the main module makes that
     # command the same job: `python -m lightning_peft.cli.fit <overrides>`, which runs fit's Hydra main.
     __main__.__spec__ = importlib.util.find_spec("lightning_peft.cli.fit")
-    fit.SWEEP_FAILURES.clear()
+    sweep.SWEEP_FAILURES.clear()
     try:
         fit.main()
     except SystemExit as exit_:  # Hydra exits 1 on errors (after printing them) and 0 after --help
@@ -59,7 +59,7 @@ def run_fit(overrides: Sequence[str]) -> int:
     finally:
         sys.argv = saved_argv
         __main__.__spec__ = saved_spec
-    return min(len(fit.SWEEP_FAILURES), 125)
+    return min(len(sweep.SWEEP_FAILURES), 125)
 
 
 COMMANDS: tuple[Command, ...] = (

@@ -9,8 +9,10 @@ never interrupted.
 from __future__ import annotations
 
 import csv
-import json
+import importlib.util
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -18,6 +20,18 @@ from torch.utils.data import DataLoader
 
 from lightning_peft.data.augment import TokenAugmentation
 from lightning_peft.data.loaders import ResumableDataLoader, SeededSampler
+from lightning_peft.data.records import (  # noqa: F401  (importable from here, where they used to live)
+    DATA_EXTRA,
+    SHIPPED_INSTRUCTIONS,
+    TOY_TASKS,
+    TOY_WORDS,
+    data_files_problems,
+    dataset_splits,
+    load_data_files,
+    read_jsonl,
+    rows_as_records,
+    toy_instructions,
+)
 from lightning_peft.generation.templates import ALPACA, InstructionCollator, PromptTemplate
 from lightning_peft.strategies.targeting import validation_error
 
@@ -182,54 +196,6 @@ class MultiTaskSequenceData(SequenceData):
         return {t: DataLoader(d, batch_size=self.hparams.batch_size) for t, d in self.val.items()}
 
 
-SHIPPED_INSTRUCTIONS = Path(__file__).resolve().parent / "instructions.jsonl"
-TOY_TASKS = {
-    "Uppercase the word.": str.upper,
-    "Reverse the word.": lambda word: word[::-1],
-    "Repeat the word twice.": lambda word: f"{word} {word}",
-}
-TOY_WORDS = (
-    "ant", "arm", "bee", "box", "bus", "cat", "cow", "cup", "dog", "egg", "fox", "hat", "ice", "jam", "key",
-    "leg", "map", "net", "oak", "owl", "pen", "pig", "rug", "sky", "sun", "toy", "van", "web", "yak", "zip",
-)  # fmt: skip
-
-
-def toy_instructions(size: int, seed: int = 0) -> list[dict[str, str]]:
-    """``size`` records of a toy task (uppercase, reverse or repeat) on one of 30 short words, drawn from ``seed``.
-
-    With 90 task-word pairs the records recur, so a validation split measures whether the pairs were
-    learned, not generalisation to new words. A 2-layer, 64-wide character-level Llama (AdamW, lr 3e-3,
-    batch 16) answered 48 of 50 held-out records exactly after 500 steps, about 25 s on one CPU thread.
-    """
-    g = torch.Generator().manual_seed(seed)
-    names = list(TOY_TASKS)
-    records = []
-    for _ in range(size):
-        word = TOY_WORDS[int(torch.randint(0, len(TOY_WORDS), (1,), generator=g))]
-        instruction = names[int(torch.randint(0, len(names), (1,), generator=g))]
-        records.append({"instruction": instruction, "input": word, "output": TOY_TASKS[instruction](word)})
-    return records
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file, one a line (blank lines skipped)."""
-    records = []
-    with Path(path).open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}, line {number}: a record must be a JSON object, got {type(record).__name__}"
-                )
-            records.append(record)
-    return records
-
-
 class InstructionData(L.LightningDataModule):
     """Instruction records formatted by a :class:`~lightning_peft.generation.templates.PromptTemplate` for a causal LM.
 
@@ -237,10 +203,19 @@ class InstructionData(L.LightningDataModule):
     response only. An ``augmentation`` edits the prompts of training batches (never the response, never
     a validation batch); its step counter is saved in checkpoints, so a resumed run continues it.
 
+    Records come from one of: ``path``, ``dataset``, ``data_files``, or (none given) ``size`` generated
+    toy records.
+
     Args:
         path: a JSON-lines file of records (``lightning_peft/data/instructions.jsonl`` is a small example);
             None generates ``size`` toy records (uppercase, reverse or repeat a short word) from ``seed``,
             which a tiny character-level Llama learns in under a minute on a CPU (:func:`toy_instructions`).
+        dataset: a Hugging Face ``datasets.Dataset``, or a ``DatasetDict`` (its ``train`` split; its
+            ``validation`` split, if any, replaces ``val_fraction``). Needs the ``data`` extra.
+        data_files: local ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` files (one kind), read through
+            ``datasets`` (the ``data`` extra).
+        columns: the column holding each template field when the names differ, e.g.
+            ``{"instruction": "question", "output": "answer"}``.
         template: formats a record; None is :data:`~lightning_peft.generation.templates.ALPACA`.
         tokenizer: a local tokenizer folder; None is :func:`~lightning_peft.data.tokenizer.char_tokenizer`.
         chat_template: a Jinja chat template to set on the tokenizer (for ``template.chat``).
@@ -267,11 +242,14 @@ class InstructionData(L.LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         augmentation: TokenAugmentation | None = None,
+        dataset: Any = None,
+        data_files: str | Sequence[str] | None = None,
+        columns: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
-        problems = []
-        if path is not None and not Path(path).is_file():
-            problems.append(f"no JSON-lines file at {path}")
+        data_files = [data_files] if isinstance(data_files, str | Path) else data_files
+        data_files = [str(f) for f in data_files] if data_files is not None else None
+        problems = self._source_problems(path, dataset, data_files, columns)
         if template is not None and not isinstance(template, PromptTemplate):
             problems.append(f"template must be a PromptTemplate, got {type(template).__name__}")
         if augmentation is not None and not isinstance(augmentation, TokenAugmentation):
@@ -285,6 +263,9 @@ class InstructionData(L.LightningDataModule):
             problems.append(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         validation_error("InstructionData", problems)
         self.path = Path(path) if path is not None else None
+        self.dataset = dataset
+        self.data_files = data_files
+        self.columns = {str(k): str(v) for k, v in (columns or {}).items()}
         self.template = template if template is not None else ALPACA
         self.tokenizer = self._load_tokenizer(tokenizer, chat_template)
         self.collator = InstructionCollator(self.tokenizer, self.template, max_length=max_length)
@@ -310,13 +291,54 @@ class InstructionData(L.LightningDataModule):
             tokenizer.chat_template = chat_template
         return tokenizer
 
+    @staticmethod
+    def _source_problems(
+        path: str | None, dataset: Any, data_files: list[str] | None, columns: Mapping[str, str] | None
+    ) -> list[str]:
+        sources = {"path": path, "dataset": dataset, "data_files": data_files}
+        given = [name for name, value in sources.items() if value is not None]
+        problems = [f"give one source of records, not {' and '.join(given)}"] if len(given) > 1 else []
+        if path is not None and not Path(path).is_file():
+            problems.append(f"no JSON-lines file at {path}")
+        if data_files is not None:
+            problems += data_files_problems(data_files)
+        if (dataset is not None or data_files is not None) and importlib.util.find_spec("datasets") is None:
+            problems.append(
+                f"dataset= and data_files= read through the datasets library, not installed: {DATA_EXTRA}"
+            )
+        if columns is not None and not (
+            isinstance(columns, Mapping) and all(isinstance(v, str) for v in columns.values())
+        ):
+            problems.append(f"columns must map template fields to column names, got {columns!r}")
+        return problems
+
+    def _records(self) -> tuple[list[dict], list[dict] | None, str]:
+        """(records, validation records if the source splits them, what the source is called)."""
+        if self.dataset is None and self.data_files is None:
+            if self.path is not None:
+                return read_jsonl(self.path), None, str(self.path)
+            return toy_instructions(self.size, self.seed), None, "the toy tasks"
+        if self.dataset is not None:
+            train, val = dataset_splits(self.dataset)
+            source = "the dataset"
+        else:
+            train, val, source = load_data_files(self.data_files), None, ", ".join(self.data_files)
+        needed = self.template.required_fields()
+        records = rows_as_records(train, self.columns, needed, source)
+        if val is not None:
+            val = rows_as_records(val, self.columns, needed, f"{source}'s validation split")
+        return records, val, source
+
     def setup(self, stage: str) -> None:
-        records = read_jsonl(self.path) if self.path is not None else toy_instructions(self.size, self.seed)
-        if len(records) < 2:
-            raise ValueError(f"InstructionData: {self.path} has {len(records)} records; it needs 2 or more")
-        for record in records:
+        records, val, source = self._records()
+        if len(records) < (1 if val else 2):
+            raise ValueError(f"InstructionData: {source} has {len(records)} records; it needs 2 or more")
+        for record in records + (val or []):
             self.template.render(record, self.tokenizer)  # a missing field fails here, not mid-epoch
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        if val:
+            self.val, self.train = val, [records[i] for i in order]
+            return
         n_val = min(max(1, round(self.val_fraction * len(records))), len(records) - 1)
         self.val = [records[i] for i in order[:n_val]]
         self.train = [records[i] for i in order[n_val:]]

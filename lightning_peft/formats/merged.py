@@ -72,45 +72,64 @@ def export_merged(
         model, beside = _copy_of_adapted_model(source)
         tokenizer = tokenizer if tokenizer is not None else getattr(source, "tokenizer", None)
     else:
-        if base is None:
-            raise ValueError("merging a checkpoint needs base= the model it was trained on (a model folder)")
-        say(f"reading {source}")
-        adapter = source_from_checkpoint(source)
-        check_finite(adapter.tensors, str(source), allow_non_finite)
-        if adapter.whole_lightning_module and root is None and not isinstance(base, nn.Module):
-            raise ValueError(
-                f"{source} adapted a whole LightningModule (PEFT(module=None)), so its names start at the "
-                "LightningModule, not at the model in the base folder: pass root= the attribute holding the "
-                "transformers model (--root model), or base= an instance of that LightningModule"
-            )
-        model = _load_base(base, say)
-        if root is not None:
-            if not adapter.whole_lightning_module:
-                raise ValueError(
-                    f"root={root!r} is for checkpoints of a whole adapted LightningModule; this one adapted "
-                    f"{adapter.module!r}, whose base is the model itself"
-                )
-            model = _lightning_module_stand_in(model, root, adapter.tensors)
-        say(f"applying {type(adapter.strategy).__name__} and loading {len(adapter.tensors)} tensors")
-        adapter.strategy.apply(model)
-        try:
-            load_trainable_state_dict(model, adapter.tensors, source=str(source))
-        except ValueError as err:
-            hint = ""
-            if adapter.whole_lightning_module and root is None:
-                hint = (
-                    "\n(the checkpoint adapted a whole LightningModule, PEFT(module=None): pass root= the "
-                    "attribute holding the transformers model (--root model), or base= an instance of that "
-                    "LightningModule)"
-                )
-            raise ValueError(f"{err}{hint}") from err
-        model, beside = _copy_of_adapted_model(model, copy_model=False)
+        model, beside = _rebuild_from_checkpoint(source, base, root, say, allow_non_finite)
         if tokenizer is None and not isinstance(base, nn.Module):
             tokenizer = base
     active = sum(1 for _, m in adapter_modules(model) if getattr(m, "enabled", True))
     say(f"merging {active} adapter layers into {type(model).__name__}")
     merge_and_unwrap(model, allow_non_finite=allow_non_finite)
     say(f"writing {out_dir}")
+    return _write_merged(model, beside, tokenizer, Path(out_dir), overwrite)
+
+
+def _rebuild_from_checkpoint(
+    source: str | Path,
+    base: str | Path | nn.Module | None,
+    root: str | None,
+    say: Progress,
+    allow_non_finite: bool,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The base model with the checkpoint's strategy applied and its tensors loaded, and what trained
+    beside the transformers model."""
+    if base is None:
+        raise ValueError("merging a checkpoint needs base= the model it was trained on (a model folder)")
+    say(f"reading {source}")
+    adapter = source_from_checkpoint(source)
+    check_finite(adapter.tensors, str(source), allow_non_finite)
+    whole_module_hint = (
+        "pass root= the attribute holding the transformers model (--root model), or base= an instance of "
+        "that LightningModule"
+    )
+    if adapter.whole_lightning_module and root is None and not isinstance(base, nn.Module):
+        raise ValueError(
+            f"{source} adapted a whole LightningModule (PEFT(module=None)), so its names start at the "
+            f"LightningModule, not at the model in the base folder: {whole_module_hint}"
+        )
+    model = _load_base(base, say)
+    if root is not None:
+        if not adapter.whole_lightning_module:
+            raise ValueError(
+                f"root={root!r} is for checkpoints of a whole adapted LightningModule; this one adapted "
+                f"{adapter.module!r}, whose base is the model itself"
+            )
+        model = _lightning_module_stand_in(model, root, adapter.tensors)
+    say(f"applying {type(adapter.strategy).__name__} and loading {len(adapter.tensors)} tensors")
+    adapter.strategy.apply(model)
+    try:
+        load_trainable_state_dict(model, adapter.tensors, source=str(source))
+    except ValueError as err:
+        hint = ""
+        if adapter.whole_lightning_module and root is None:
+            hint = (
+                f"\n(the checkpoint adapted a whole LightningModule, PEFT(module=None): {whole_module_hint})"
+            )
+        raise ValueError(f"{err}{hint}") from err
+    return _copy_of_adapted_model(model, copy_model=False)
+
+
+def _write_merged(
+    model: nn.Module, beside: dict[str, torch.Tensor], tokenizer: Any, out_dir: Path, overwrite: bool
+) -> ExportResult:
     with staged_directory(out_dir, overwrite) as staged:
         model.save_pretrained(str(staged), safe_serialization=True)
         copied = copy_tokenizer(tokenizer, staged)
@@ -123,7 +142,7 @@ def export_merged(
             f"; {len(beside)} trained tensors beside the transformers model ({', '.join(modules[:6])}) saved in "
             f"{MODULE_WEIGHTS}, keyed as in the LightningModule"
         )
-    return ExportResult(Path(out_dir), "merged", len(model.state_dict()), note)
+    return ExportResult(out_dir, "merged", len(model.state_dict()), note)
 
 
 def merge_and_unwrap(model: nn.Module, allow_non_finite: bool = False) -> int:

@@ -1,14 +1,24 @@
-"""The transformers building blocks that :func:`lightning_peft.generate.generate` hands to
-``model.generate``: :class:`StopAtStrings` (a stopping criterion), :class:`ForceWords` (a logits
-processor), :class:`CompletionStreamer` (a streamer), and the two functions they share,
+"""The pieces of :func:`lightning_peft.generation.generate.generate` that transformers lacks, handed to
+``model.generate``: :class:`ForceWords` (a logits processor), :class:`StopAtStrings` (a stopping
+criterion), :class:`CompletionStreamer` (a streamer), and the two functions they share,
 :func:`word_token_ids` and :func:`find_stop`.
 
-Forced words: transformers 5 moved constrained beam search (``force_words_ids``, ``constraints``) to a
-Hub repository that ``generate`` downloads and runs with ``trust_remote_code``, so it is not used here.
-:class:`ForceWords` is a logits processor of our own that works with greedy decoding and sampling: the
-model writes freely, the end-of-sequence token is held back while a word is missing, and once the tokens
-left just suffice to write the missing words, it writes them (continuing one it has begun). A stop
-string counts only after every forced word has appeared.
+Everything transformers does itself is left to it: sampling, ``repetition_penalty``, banned words
+(``bad_words_ids``) and stop strings (``stop_strings=`` with ``tokenizer=``).
+
+What stays ours, and why:
+
+- Forced words: transformers 5 moved constrained beam search (``force_words_ids``, ``constraints``) to a
+  Hub repository that ``generate`` downloads and runs with ``trust_remote_code``, so it cannot be used
+  offline. :class:`ForceWords` works with greedy decoding and sampling: the model writes freely, the
+  end-of-sequence token is held back while a word is missing, and once the tokens left just suffice to
+  write the missing words, it writes them (continuing one it has begun).
+- :class:`StopAtStrings`: a stop string counts only after every forced word has appeared, and only in the
+  completion. transformers' ``StopStringCriteria`` knows no forced words and also matches a stop string
+  that began in the prompt, so it is used only where neither matters.
+- :class:`CompletionStreamer`: transformers' ``TextStreamer`` prints the stop string and what its last
+  token adds after it; this one holds back text that may begin a stop string, so a stream ends where the
+  record's completion does.
 """
 
 from __future__ import annotations
@@ -55,8 +65,9 @@ def find_stop(
 
 
 class StopAtStrings(StoppingCriteria):
-    """Ends a sequence once its completion holds a stop string (after every forced word); records the
-    number of tokens each sequence had then in ``stopped_at`` (row -> tokens)."""
+    """Ends a sequence once its completion holds a stop string after every forced word (see the module
+    docstring for when it replaces transformers' ``stop_strings``); records the number of tokens each
+    sequence had then in ``stopped_at`` (row -> tokens)."""
 
     def __init__(
         self, tokenizer: Any, prompt_length: int, stop_strings: Sequence[str], force_words: Sequence[str] = ()

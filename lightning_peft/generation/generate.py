@@ -17,8 +17,8 @@ forced words, seed); :func:`generate` turns prompts into one record per completi
 excludes), ``"eos"`` (the model ended it) or ``"length"`` (``max_new_tokens`` ran out).
 
 The pieces live by what they are, and are importable from here too: the settings in
-:mod:`lightning_peft.generation.settings`, the transformers stopping criterion, logits processor and
-streamer (with how forced words work) in :mod:`lightning_peft.generation.controls`, the command line in
+:mod:`lightning_peft.generation.settings`, the controls transformers lacks (forced words, and why the
+rest is transformers' own) in :mod:`lightning_peft.generation.controls`, the command line in
 :mod:`lightning_peft.cli.generate`.
 """
 
@@ -213,8 +213,11 @@ def generate(
     """Complete each prompt; returns one record per completion (see the module docstring), prompts in
     order and, within a prompt, its ``num_return_sequences`` completions.
 
-    ``stream`` receives each completion's text as it is generated, then a newline (one completion at a
-    time: ``batch_size`` and ``num_return_sequences`` 1). The global random state is left as it was.
+    Works with any transformers causal LM (``model.generate``). Prompts are encoded as
+    :class:`~lightning_peft.generation.templates.InstructionCollator` encodes them in training and
+    left-padded with an attention mask, so a batch gives what each prompt gives alone. ``stream``
+    receives each completion's text as it is generated, then a newline (one completion at a time:
+    ``batch_size`` and ``num_return_sequences`` 1). The global random state is left as it was.
 
     Example::
 
@@ -228,7 +231,6 @@ def generate(
         raise ValueError(
             "streaming shows one completion at a time: it needs batch_size=1 and num_return_sequences=1"
         )
-    banned = [ids for word in settings.bad_words for ids in word_token_ids(tokenizer, word, "bad_words")]
     forced = [word_token_ids(tokenizer, word, "force_words") for word in settings.force_words]
     needed = sum(min(len(form) for form in forms) for forms in forced)
     if needed > settings.max_new_tokens:
@@ -236,18 +238,7 @@ def generate(
             f"the forced words take {needed} tokens, more than max_new_tokens={settings.max_new_tokens}"
         )
     eos = _eos_ids(model, tokenizer)
-    options: dict[str, Any] = {
-        "max_new_tokens": settings.max_new_tokens,
-        "do_sample": settings.do_sample,
-        "num_return_sequences": settings.num_return_sequences,
-        "repetition_penalty": settings.repetition_penalty,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0],
-        "eos_token_id": eos or None,
-    }
-    if settings.do_sample:  # greedy decoding would only warn about them
-        options |= {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
-    if banned:
-        options["bad_words_ids"] = banned
+    options = _generate_options(tokenizer, settings, eos)
     device = next(model.parameters()).device
     records: list[Record] = []
     with torch.random.fork_rng(
@@ -261,6 +252,24 @@ def generate(
     return records
 
 
+def _generate_options(tokenizer: Any, settings: GenerationSettings, eos: list[int]) -> dict[str, Any]:
+    """The keyword arguments of ``model.generate`` that transformers' own controls implement."""
+    options: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "num_return_sequences": settings.num_return_sequences,
+        "repetition_penalty": settings.repetition_penalty,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0],
+        "eos_token_id": eos or None,
+    }
+    if settings.do_sample:  # greedy decoding would only warn about them
+        options |= {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+    banned = [ids for word in settings.bad_words for ids in word_token_ids(tokenizer, word, "bad_words")]
+    if banned:
+        options["bad_words_ids"] = banned
+    return options
+
+
 def _generate_batch(
     model: nn.Module,
     tokenizer: Any,
@@ -272,20 +281,9 @@ def _generate_batch(
     eos: list[int],
     stream: TextIO | None,
 ) -> list[Record]:
-    add_bos = adds_bos(tokenizer)
-    encoded = [_prompt_ids(tokenizer, prompt, first + i, add_bos) for i, prompt in enumerate(prompts)]
-    length = max(len(ids) for ids in encoded)
-    pad = options["pad_token_id"]
-    device = next(model.parameters()).device
-    # left padding: every prompt ends where generation starts
-    input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids in encoded], device=device)
-    attention_mask = torch.tensor(
-        [[0] * (length - len(ids)) + [1] * len(ids) for ids in encoded], device=device
-    )
-    stop = StopAtStrings(tokenizer, length, settings.stop_strings, settings.force_words)
-    processors = LogitsProcessorList(
-        [ForceWords(forced, length, settings.max_new_tokens, eos)] if forced else []
-    )
+    input_ids, attention_mask = _left_padded(model, tokenizer, prompts, first, options["pad_token_id"])
+    length = input_ids.shape[1]
+    processors = [ForceWords(forced, length, settings.max_new_tokens, eos)] if forced else []
     streamer = None
     if stream is not None:
         streamer = CompletionStreamer(tokenizer, stream, settings.stop_strings, settings.force_words)
@@ -293,34 +291,80 @@ def _generate_batch(
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            logits_processor=processors,
-            stopping_criteria=StoppingCriteriaList([stop] if settings.stop_strings else []),
+            logits_processor=LogitsProcessorList(processors),
             streamer=streamer,
             **options,
+            **_stopping(tokenizer, prompts, length, settings),
         )
-    records = []
-    for row, tokens in enumerate(output[:, length:].tolist()):
-        index, sequence = divmod(row, settings.num_return_sequences)
-        ended = next((i + 1 for i, token in enumerate(tokens) if token in eos), None)
-        count = stop.stopped_at.get(row) or ended or len(tokens)
-        text = tokenizer.decode(tokens[:count], skip_special_tokens=True)
-        found = find_stop(text, settings.stop_strings, settings.force_words)
-        if found is not None:
-            reason = "stop_string"
-        else:
-            reason = "eos" if ended is not None and ended <= count else "length"
-        records.append(
-            {
-                "prompt": prompts[index],
-                "completion": text[: found[0]] if found else text,
-                "num_tokens": count,
-                "stop_reason": reason,
-                "stop_string": found[1] if found else None,
-                "sequence": sequence,
-                "settings": asdict(settings),
-            }
+    return [
+        _record(tokenizer, prompts[row // settings.num_return_sequences], tokens, settings, eos)
+        | {"sequence": row % settings.num_return_sequences, "settings": asdict(settings)}
+        for row, tokens in enumerate(output[:, length:].tolist())
+    ]
+
+
+def _left_padded(
+    model: nn.Module, tokenizer: Any, prompts: list[str], first: int, pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, T): left padding, so every prompt ends where generation
+    starts and the mask hides the padding from attention."""
+    add_bos = adds_bos(tokenizer)
+    encoded = [_prompt_ids(tokenizer, prompt, first + i, add_bos) for i, prompt in enumerate(prompts)]
+    length = max(len(ids) for ids in encoded)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids in encoded], device=device)
+    mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    return input_ids, mask
+
+
+def _stopping(
+    tokenizer: Any, prompts: list[str], length: int, settings: GenerationSettings
+) -> dict[str, Any]:
+    """Stop strings for ``model.generate``: transformers' own (``stop_strings`` with the tokenizer) where
+    it behaves as documented here, :class:`StopAtStrings` where it cannot.
+
+    transformers matches a stop string in the whole sequence, prompt included, and knows nothing of forced
+    words; ours reads the completion alone and waits for every forced word. The two agree unless forced
+    words are set or a prompt ends with the start of a stop string (e.g. ``"...:\\n"`` with ``"\\n\\n"``),
+    where transformers could end the completion at its first tokens.
+    """
+    stops = settings.stop_strings
+    if not stops:
+        return {}
+    straddles = any(
+        prompt.endswith(stop[:k]) for prompt in prompts for stop in stops for k in range(1, len(stop))
+    )
+    if settings.force_words or straddles:
+        stop = StopAtStrings(tokenizer, length, stops, settings.force_words)
+        return {"stopping_criteria": StoppingCriteriaList([stop])}
+    return {"stop_strings": stops, "tokenizer": tokenizer}
+
+
+def _record(
+    tokenizer: Any, prompt: str, tokens: list[int], settings: GenerationSettings, eos: list[int]
+) -> Record:
+    """One completion's record from the tokens generated after its prompt (padding may follow its end)."""
+    ended = next((i + 1 for i, token in enumerate(tokens) if token in eos), None)
+    tokens = tokens[:ended]
+    stops, forced = settings.stop_strings, settings.force_words
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    found = find_stop(text, stops, forced) if stops else None
+    if found is None:
+        count, reason = len(tokens), "eos" if ended is not None else "length"
+    else:  # generation ended with the token that completed the stop string: the first such prefix
+        count = next(
+            k
+            for k in range(1, len(tokens) + 1)
+            if find_stop(tokenizer.decode(tokens[:k], skip_special_tokens=True), stops, forced)
         )
-    return records
+        reason = "stop_string"
+    return {
+        "prompt": prompt,
+        "completion": text[: found[0]] if found else text,
+        "num_tokens": count,
+        "stop_reason": reason,
+        "stop_string": found[1] if found else None,
+    }
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, index: int, add_bos: bool) -> list[int]:

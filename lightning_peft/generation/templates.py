@@ -9,7 +9,10 @@ the response is learned::
     labels:  -100  -100 ...     r r r </s>  -100  -100      # the model shifts labels itself
 
 Prompt and response are tokenized separately, so the boundary between them is exact whatever the
-tokenizer (a BPE merge never straddles it).
+tokenizer (a BPE merge never straddles it). transformers' ``apply_chat_template(...,
+return_assistant_tokens_mask=True)`` gives the same labels, but only for chat templates that mark the
+assistant's text with ``{% generation %}`` (many do not), and it masks whole tokens of a conversation
+tokenized in one piece; the split here works with any chat template and with plain prompt templates.
 """
 
 from __future__ import annotations
@@ -107,6 +110,12 @@ class PromptTemplate:
             problems.append("system is only used with chat=True")
         if problems:
             raise ValueError("PromptTemplate is misconfigured: " + "; ".join(problems))
+
+    def required_fields(self) -> tuple[str, ...]:
+        """The record fields this template reads that a record must have (all but ``optional_field``)."""
+        texts = [(getattr(self, name), name) for name in ("prompt", "response", "prompt_if_empty", "system")]
+        names = [f for text, what in texts if text is not None for f in _field_names(text, what)]
+        return tuple(f for f in dict.fromkeys(names) if f != self.optional_field)
 
     def _is_blank(self, record: Mapping[str, Any]) -> bool:
         value = record.get(self.optional_field) if self.optional_field else None

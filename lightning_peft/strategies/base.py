@@ -338,7 +338,7 @@ class _OutputRequiresGradWhileCheckpointing:
     """Forward hook: the output of frozen input embeddings requires grad while ``owner`` checkpoints.
 
     The modules that carry transformers' ``gradient_checkpointing`` flag are found once, on the
-    first training forward (a walk over a 7B model's modules costs ~3 ms; their flags, microseconds).
+    first training forward (a walk over every module of a large model is too slow for every step).
     A class, so that models still pickle and deep-copy (the references follow the copy).
     """
 

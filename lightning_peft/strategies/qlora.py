@@ -182,9 +182,9 @@ class QLoRA(LoRA):
         double_quant: also quantize the per-block scales (QLoRA sec. 3, "Double Quantization"):
             about 0.52 instead of 0.56 bytes per weight. 4-bit types only.
         compute_dtype: the dtype 4-bit layers dequantize into and multiply in; outputs come back in
-            the input's dtype. ``"bfloat16"`` (the paper's) is the default on every device: on CPUs with
-            AVX512-BF16 it also trains about three times faster than ``"float32"``, whose only gain is
-            float32 rounding, small next to the 4-bit error. 8-bit layers compute in int8.
+            the input's dtype. ``"bfloat16"`` (the paper's) is the default on every device: CPUs with
+            AVX512-BF16 also train faster in it than in ``"float32"``, whose only gain is float32
+            rounding, small next to the 4-bit error. 8-bit layers compute in int8.
         quantize_modules: which layers to quantize, in the same forms as ``target_modules``. The default
             ``"all-linear"`` takes every ``nn.Linear`` except the output head and ``modules_to_save``.
             Only ``nn.Linear`` layers can be quantized (not GPT-2's ``Conv1D``); layers bitsandbytes has

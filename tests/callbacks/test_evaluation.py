@@ -8,12 +8,14 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, tiny_char_llama, tiny_llama
 from torch import nn
 from torch.utils.data import DataLoader
+from torchmetrics.text import ROUGEScore
 
 from lightning_peft import PEFT, LoRA
 from lightning_peft.callbacks.evaluation import Evaluation
+from lightning_peft.data.tokenizer import char_tokenizer
 
 
 class Features(L.LightningModule):
@@ -107,71 +109,103 @@ def test_perplexity_is_exp_of_the_mean_next_token_nll():
 
 
 class Echo(nn.Module):
-    """A stand-in generator: answers every prompt with fixed token ids."""
+    """A stand-in generator: answers every prompt with fixed text, whatever its padding."""
 
-    def __init__(self, answer: list[int]) -> None:
+    def __init__(self, answer: str) -> None:
         super().__init__()
-        self.answer = answer
+        self.answer = char_tokenizer()(answer, add_special_tokens=False)["input_ids"]
         self.weight = nn.Parameter(torch.zeros(1))
 
-    def generate(self, input_ids, max_new_tokens, do_sample):
-        return torch.cat([input_ids, torch.tensor([self.answer])], dim=1)
-
-
-class WordTokenizer:
-    words = ["<pad>", "the", "cat", "sat", "on", "mat", "dog"]
-
-    def __call__(self, text, return_tensors):
-        return {"input_ids": torch.tensor([[self.words.index(w) for w in text.split()]])}
-
-    def decode(self, ids, skip_special_tokens):
-        return " ".join(self.words[i] for i in ids.tolist())
+    def generate(self, input_ids, attention_mask, **kwargs):
+        answer = torch.tensor([self.answer]).expand(input_ids.shape[0], -1)  # (B, answer)
+        return torch.cat([input_ids, answer], dim=1)
 
 
 class Holder(L.LightningModule):
-    def __init__(self, answer: list[int]) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = Echo(answer)
+        self.model = model
 
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", torch.tensor(0.0))
 
 
-@pytest.mark.parametrize(("answer", "perfect"), [([4, 1, 5, 1, 2], True), ([6, 6, 6, 6, 6], False)])
-def test_generation_scores_rouge_and_bleu_and_writes_samples(tmp_path, answer, perfect):
-    evaluation = Evaluation(
-        metrics=[],
-        module="model",
-        prompts=["the cat sat", "the dog sat"],
-        references=["on the mat the cat", "on the mat the cat"],
-        tokenizer=WordTokenizer(),
-        samples_file="samples.jsonl",
-    )
+def generation_evaluation(prompts, references, **kwargs) -> Evaluation:
+    return Evaluation(
+        metrics=[], module="model", prompts=prompts, references=references, tokenizer=char_tokenizer(),
+        samples_file="samples.jsonl", **kwargs,
+    )  # fmt: skip
+
+
+def validate_generation(evaluation: Evaluation, model: nn.Module, folder) -> tuple[dict, list[dict]]:
     trainer = L.Trainer(
-        callbacks=[evaluation], logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+        callbacks=[evaluation], logger=False, enable_progress_bar=False, default_root_dir=folder
     )
     (metrics,) = trainer.validate(
-        Holder(answer), DataLoader([{"x": torch.zeros(1)}], batch_size=None), verbose=False
+        Holder(model), DataLoader([{"x": torch.zeros(1)}], batch_size=None), verbose=False
     )
+    samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    return metrics, samples
+
+
+@pytest.mark.parametrize(("answer", "perfect"), [("on the mat the cat", True), ("dog dog dog dog", False)])
+def test_generation_scores_rouge_and_bleu_and_writes_samples(tmp_path, answer, perfect):
+    evaluation = generation_evaluation(["the cat sat", "the dog sat"], ["on the mat the cat"] * 2)
+    metrics, samples = validate_generation(evaluation, Echo(answer), tmp_path)
     if perfect:
         assert metrics["rougeL"] == pytest.approx(1.0) and metrics["bleu"] == pytest.approx(1.0)
     else:
         assert metrics["rougeL"] < 1.0 and metrics["bleu"] < 1.0
-    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert [s["generated"] for s in samples] == [WordTokenizer().decode(torch.tensor(answer), True)] * 2
+    assert [s["generated"] for s in samples] == [answer] * 2
+
+
+def greedy_alone(model: nn.Module, prompt: str, max_new_tokens: int) -> str:
+    """What one unpadded prompt continues to: transformers' greedy generate on it alone."""
+    ids = torch.tensor([char_tokenizer()(prompt)["input_ids"]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=0, eos_token_id=2)  # fmt: skip
+    return char_tokenizer().decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_a_causal_lm_generates_batched_padded_prompts_as_it_does_each_alone(tmp_path):
+    model = tiny_char_llama(seed=5)
+    prompts = ["a", "a much longer prompt than the others", "mid prompt"]
+    references = ["x y z", "a b c", "q r s"]
+    evaluation = generation_evaluation(prompts, references, max_new_tokens=10, batch_size=3)
+    metrics, samples = validate_generation(evaluation, model, tmp_path)
+    alone = [greedy_alone(model, prompt, 10) for prompt in prompts]
+    assert [s["generated"] for s in samples] == alone
+    assert len(set(alone)) == 3  # the prompts lead to different text, so a mix-up would show
+    rouge = ROUGEScore(rouge_keys=("rougeL",))(alone, references)["rougeL_fmeasure"]
+    assert metrics["rougeL"] == pytest.approx(float(rouge))
+
+
+def test_stop_strings_end_the_generated_samples(tmp_path):
+    model = tiny_char_llama(seed=5)
+    full = greedy_alone(model, "mid prompt", 10)
+    stop = full[4:6]
+    evaluation = generation_evaluation(["mid prompt"], ["ref"], max_new_tokens=10, stop_strings=[stop])
+    _, samples = validate_generation(evaluation, model, tmp_path)
+    assert samples[0]["generated"] == full[: full.index(stop)].strip()
 
 
 def test_bad_configuration_lists_every_problem():
     with pytest.raises(ValueError) as err:
-        Evaluation(metrics=["bleu-4", "f1"], prompts=["a"], max_new_tokens=0)
+        Evaluation(metrics=["bleu-4", "f1"], prompts=["a"], max_new_tokens=0, batch_size=0)
     message = str(err.value)
     assert "unknown metric 'bleu-4'" in message and "num_classes" in message and "references" in message
-    assert "tokenizer" in message and "max_new_tokens" in message
+    assert "tokenizer" in message and "max_new_tokens" in message and "batch_size" in message
+
+
+def test_a_module_without_generate_is_named_in_the_error(tmp_path):
+    evaluation = generation_evaluation(["the cat"], ["sat"])
+    with pytest.raises(ValueError, match="module='model' to be a causal LM with generate"):
+        validate_generation(evaluation, nn.Linear(2, 2), tmp_path)
 
 
 class TrainedHolder(Holder):
-    def __init__(self, answer: list[int]) -> None:
-        super().__init__(answer)
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
     def training_step(self, batch, batch_idx):
@@ -182,15 +216,12 @@ class TrainedHolder(Holder):
 
 
 def test_the_sanity_check_writes_no_samples(tmp_path):
-    evaluation = Evaluation(
-        metrics=[], module="model", prompts=["the cat sat"], references=["on the mat"],
-        tokenizer=WordTokenizer(), samples_file="samples.jsonl",
-    )  # fmt: skip
+    evaluation = generation_evaluation(["the cat sat"], ["on the mat"])
     trainer = L.Trainer(
         callbacks=[evaluation], logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
         max_epochs=2, enable_checkpointing=False, num_sanity_val_steps=1,
     )  # fmt: skip
     data = DataLoader([{"x": torch.zeros(1)}], batch_size=None)
-    trainer.fit(TrainedHolder([4, 1, 5]), train_dataloaders=data, val_dataloaders=data)
+    trainer.fit(TrainedHolder(Echo("on the mat")), train_dataloaders=data, val_dataloaders=data)
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["epoch"] for s in samples] == [0, 1]  # one row per epoch, none for the sanity check
