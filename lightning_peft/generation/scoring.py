@@ -6,7 +6,7 @@ wrong format would count as right, which is what a format task measures.) ROUGE-
 ``ROUGEScore`` F-measure of the longest common subsequence, which gives partial credit for near misses.
 
     metrics, samples = evaluate_records(model, tokenizer, records, template)
-    metrics   # {"exact_match": 0.95, "rougeL": 0.98, "num_records": 40}
+    metrics   # {"exact_match": ..., "rougeL": ..., "num_records": len(records)}
 """
 
 from __future__ import annotations
