@@ -48,7 +48,7 @@ def _autocasts(kind: str) -> bool:
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """Autocast's dtype when it is on for ``x``'s device, else None."""
     kind = x.device.type
-    return torch.getautocast_dtype(kind) if _autocasts(kind) else None
+    return torch.get_autocast_dtype(kind) if _autocasts(kind) else None
 
 
 def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
