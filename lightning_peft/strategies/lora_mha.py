@@ -16,7 +16,7 @@ query, key and value inputs must share one size (``kdim == vdim == embed_dim``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +25,13 @@ from torch.func import functional_call
 from lightning_peft.strategies.base import merged_stack
 from lightning_peft.strategies.lora_layers import InitLoRA, LoRABase, adapter_dtype, init_pair
 from lightning_peft.strategies.targeting import inner_layer
+
+
+class AdaptedProjection(NamedTuple):
+    """The output projection's weight as adapted, and its bias (what ``attention.out_proj`` gives)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
 
 class LoRAMultiheadAttention(LoRABase):
@@ -56,7 +63,8 @@ class LoRAMultiheadAttention(LoRABase):
         init_pair(self.lora_A, self.lora_B, init_lora_weights, r)
         init_pair(self.out_proj_lora_A, self.out_proj_lora_B, init_lora_weights, r)
 
-    # what code around an attention module reads of it
+    # What code around an attention module reads of it (nn.TransformerEncoderLayer's inference fast
+    # path reads the projection weights and calls its own kernel): the weights as adapted.
     @property
     def embed_dim(self) -> int:
         return self.inner_layer().embed_dim
@@ -68,6 +76,25 @@ class LoRAMultiheadAttention(LoRABase):
     @property
     def batch_first(self) -> bool:
         return self.inner_layer().batch_first
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        return self.inner_layer()._qkv_same_embed_dim
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        return self.inner_layer().in_proj_bias
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        return self.effective_weights()[0]
+
+    @property
+    def out_proj(self) -> AdaptedProjection:
+        return AdaptedProjection(self.effective_weights()[1], self.inner_layer().out_proj.bias)
+
+    def merge_masks(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner_layer().merge_masks(*args, **kwargs)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

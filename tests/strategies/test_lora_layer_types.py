@@ -5,6 +5,7 @@ callback with a resume."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -201,6 +202,18 @@ def test_attention_update_is_the_low_rank_update_of_both_weights() -> None:
         torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
     model(x).square().sum().backward()
     assert all(bool(p.grad.abs().sum() > 0) for p in (layer.lora_A, layer.lora_B, layer.out_proj_lora_A))
+
+
+def test_a_transformer_encoder_layer_gives_the_adapted_outputs_on_its_inference_fast_path() -> None:
+    torch.manual_seed(0)
+    block = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    base = copy.deepcopy(block).eval()
+    model = _perturb(LoRA(r=4, target_modules=["self_attn"]).apply(nn.Sequential(block)))
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    expected = model.train()(x).detach()  # training: the module path, through functional_call
+    with torch.no_grad():  # eval without grad: torch's fused kernel, reading in_proj_weight and out_proj
+        torch.testing.assert_close(model.eval()(x), expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(base(x), expected, atol=1e-3)
 
 
 def test_the_new_layer_kinds_are_the_ones_injected() -> None:
