@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_peft.strategies.base import PEFTStrategy, merged_stack, plain_lists
+from lightning_peft.strategies.base import PEFTStrategy, merged_stack, plain_lists, read_through
 from lightning_peft.strategies.modules_to_save import wrap_modules_to_save
 from lightning_peft.strategies.targeting import (
     ALL_LINEAR,
@@ -248,6 +248,10 @@ class IA3Conv(nn.Module):
         if self in stack:
             stack.remove(self)
 
+
+read_through(
+    IA3Conv, ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+)
 
 IA3_LAYERS = (IA3Linear, IA3Conv)
 

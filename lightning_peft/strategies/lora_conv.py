@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.strategies.base import read_through
 from lightning_peft.strategies.lora_layers import InitLoRA, LoRABase, adapter_dtype, init_pair
 from lightning_peft.strategies.targeting import inner_layer
 
@@ -113,6 +114,17 @@ class LoRAConv2d(LoRAConv):
 class LoRAConv3d(LoRAConv):
     """LoRA (and DoRA) around an ``nn.Conv3d`` (video patch embeddings)."""
 
+
+CONV_ATTRIBUTES = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "padding_mode",
+)
+read_through(LoRAConv, CONV_ATTRIBUTES)
 
 LORA_CONV_LAYERS: dict[type[nn.Module], type[LoRAConv]] = {
     nn.Conv1d: LoRAConv1d,

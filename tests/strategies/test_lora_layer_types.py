@@ -14,6 +14,7 @@ import lightning as L
 import peft
 import pytest
 import torch
+import transformers
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -63,6 +64,23 @@ def _embedding() -> nn.Module:
     return nn.Sequential(nn.Embedding(20, 8, padding_idx=0), nn.Linear(8, 3))
 
 
+class WhisperStem(nn.Module):
+    """A tiny Whisper encoder (its audio stem is two Conv1d layers), returning its hidden states."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = transformers.WhisperConfig(
+            **{"vocab_size": 50, "num_mel_bins": 8, "d_model": 16, "max_source_positions": 6},
+            **{"encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32},
+            **{"encoder_attention_heads": 2, "decoder_attention_heads": 2, "max_target_positions": 8},
+            **{"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1},
+        )
+        self.encoder = transformers.WhisperModel(config).get_encoder()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.encoder(features).last_hidden_state  # (B, 6, 16)
+
+
 def _ids(n: int, g: torch.Generator) -> torch.Tensor:
     ids = torch.randint(0, 20, (n, 6), generator=g)
     ids[:, 0] = 0  # the padding row stays zero in peft and here
@@ -76,6 +94,7 @@ def _floats(*shape: int) -> Callable[[int, torch.Generator], torch.Tensor]:
 # case -> (network, inputs(n, generator), our strategy, peft's config for the same adapter)
 Case = tuple[Callable[[], nn.Module], Callable, Callable[[], object], Callable[[], object]]
 LORA_ARGS = {"r": 4, "lora_alpha": 8}
+WHISPER_TARGETS = ["conv1", "conv2", "q_proj", "v_proj"]
 CASES: dict[str, Case] = {
     "lora-conv1d": (
         _conv1d,
@@ -119,6 +138,12 @@ CASES: dict[str, Case] = {
         lambda: LoRA(**LORA_ARGS, target_modules=["0", "1"], use_dora=True),
         lambda: peft.LoraConfig(**LORA_ARGS, target_modules=["0", "1"], use_dora=True),
     ),
+    "dora-whisper-encoder": (
+        WhisperStem,
+        _floats(8, 12),  # (mel bins, frames)
+        lambda: LoRA(**LORA_ARGS, target_modules=WHISPER_TARGETS, use_dora=True),
+        lambda: peft.LoraConfig(**LORA_ARGS, target_modules=WHISPER_TARGETS, use_dora=True),
+    ),
     "ia3-conv2d": (
         _conv2d,
         _floats(3, 6, 6),
@@ -134,6 +159,9 @@ CASES: dict[str, Case] = {
 }
 GROUPED = ("lora-grouped-conv2d", "lora-conv3d")  # LoRA on grouped convolutions: no merge
 MERGEABLE = [c for c in CASES if c not in GROUPED]
+# peft 0.21's conv layers do not expose the wrapped conv's stride, which Whisper's encoder reads: an
+# adapted Whisper fails in peft, so that case is checked here (merge, training), not against peft
+AGAINST_PEFT = [c for c in CASES if c != "dora-whisper-encoder"]
 
 
 def _net(case: str) -> nn.Module:
@@ -172,7 +200,7 @@ def _out(model: nn.Module, case: str) -> torch.Tensor:
         return model(_inputs(case))
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", AGAINST_PEFT)
 def test_our_export_loads_in_peft_with_equal_outputs(case: str, tmp_path: Path) -> None:
     ours = _comparable(_perturb(CASES[case][2]().apply(_net(case))), case)
     assert export_adapter(ours, tmp_path / "out").format == "peft"
@@ -182,7 +210,7 @@ def test_our_export_loads_in_peft_with_equal_outputs(case: str, tmp_path: Path) 
     torch.testing.assert_close(_out(theirs, case), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", AGAINST_PEFT)
 def test_an_adapter_saved_by_peft_loads_here_with_equal_outputs(case: str, tmp_path: Path) -> None:
     theirs = _comparable(_perturb(peft.get_peft_model(_net(case), CASES[case][3]())), case).eval()
     theirs.save_pretrained(str(tmp_path / "adapter"))
