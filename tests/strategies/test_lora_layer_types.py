@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_peft import IA3, PEFT, LoRA, export_adapter, load_adapter
+from lightning_peft import IA3, PEFT, LoRA, add_adapter, export_adapter, load_adapter, set_active_adapters
 from lightning_peft.strategies import LoRAConv1d, LoRAConv3d, LoRAEmbedding, LoRAMultiheadAttention
 from lightning_peft.strategies.base import adapter_parameter_names
 from lightning_peft.strategies.ia3 import IA3Conv
@@ -230,6 +230,24 @@ def test_attention_update_is_the_low_rank_update_of_both_weights() -> None:
         torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
     model(x).square().sum().backward()
     assert all(bool(p.grad.abs().sum() > 0) for p in (layer.lora_A, layer.lora_B, layer.out_proj_lora_A))
+
+
+def test_two_named_attention_adapters_add_both_updates_and_merge_in_order() -> None:
+    case = "lora-multihead-attention"
+    model = _net(case)
+    for name in ("a", "b"):
+        add_adapter(model, name, LoRA(r=2, target_modules=["attn"], init_lora_weights=False))
+    set_active_adapters(model, ["a", "b"])
+    outer, inner, x = model.attn, model.attn.base_layer, _inputs(case)
+    reference = _net(case)
+    with torch.no_grad():
+        reference.attn.in_proj_weight.add_(outer.delta_weight() + inner.delta_weight())
+        reference.attn.out_proj.weight.add_(outer.out_delta_weight() + inner.out_delta_weight())
+        expected = reference(x)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+        LoRA(target_modules=["attn"]).merge(model)
+        assert inner.merged and outer.merged
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
 
 
 def test_a_transformer_encoder_layer_gives_the_adapted_outputs_on_its_inference_fast_path() -> None:
