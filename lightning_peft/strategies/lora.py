@@ -251,21 +251,6 @@ class LoRA(PEFTStrategy):
                     new.dora_saves_output = matches(name, kept_names)
             replace_module(model, name, new)
 
-    def merge(self, model: nn.Module) -> nn.Module:
-        """:meth:`PEFTStrategy.merge`; raises ``ValueError`` before changing anything if an active LoRA
-        layer sits on a grouped convolution, whose update cannot be folded into its weight."""
-        grouped = [
-            name
-            for name, m in model.named_modules()
-            if isinstance(m, LoRAConv) and m.groups != 1 and m.enabled and not m.merged
-        ]
-        if grouped:
-            raise ValueError(
-                f"cannot merge LoRA on grouped convolutions ({', '.join(grouped)}): the update mixes channels "
-                "that the grouped weight keeps apart; disable those adapters or keep the model unmerged"
-            )
-        return super().merge(model)
-
     def extra_trainable(self, model: nn.Module) -> set[str]:
         if self.bias == "lora_only":
             names = set()

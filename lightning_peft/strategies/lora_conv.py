@@ -64,12 +64,19 @@ class LoRAConv(LoRABase):
             self.lora_magnitude_vector = nn.Parameter(norm)
             self.forward = self._forward_dora  # decided once, not per call
 
+    @property
+    def merge_refusal(self) -> str | None:
+        """Why this layer cannot merge, or None: a grouped convolution's weight cannot hold the update."""
+        if self.groups == 1:
+            return None
+        return (
+            f"LoRA on a convolution with groups={self.groups} cannot be merged: its update mixes channels "
+            "that the grouped base weight keeps apart (peft refuses to merge it too)"
+        )
+
     def delta_weight(self) -> torch.Tensor:
-        if self.groups != 1:
-            raise ValueError(
-                f"LoRA on a convolution with groups={self.groups} cannot be merged: its update mixes "
-                "channels that the grouped base weight keeps apart (peft refuses to merge it too)"
-            )
+        if self.merge_refusal:
+            raise ValueError(self.merge_refusal)
         product = self.lora_B.flatten(1) @ self.lora_A.flatten(1)  # (out, in * prod(kernel))
         return product.view(self.inner_layer().weight.shape) * self.scaling
 
