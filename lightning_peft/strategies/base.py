@@ -266,24 +266,6 @@ def strategy_from_config(data: dict[str, Any]) -> PEFTStrategy:
     return cls.from_config_dict(data.get("config", {}))
 
 
-def read_through(layer_cls: type[nn.Module], names: Sequence[str]) -> None:
-    """Give the adapter class ``layer_cls`` read-only attributes ``names`` that return the original
-    layer's (below every ``base_layer`` link): models read them off their layers (Whisper reads its
-    convolutions' ``stride``), and an adapted layer must still answer."""
-
-    def reader(name: str) -> property:
-        def read(self: nn.Module) -> Any:
-            layer = self
-            while isinstance(getattr(layer, "base_layer", None), nn.Module):
-                layer = layer.base_layer
-            return getattr(layer, name)
-
-        return property(read, doc=f"The wrapped layer's ``{name}``.")
-
-    for name in names:
-        setattr(layer_cls, name, reader(name))
-
-
 def reset_adapters(model: nn.Module) -> int:
     """Initialise every adapter layer of ``model`` that can (``reset_parameters``); returns how many.
 

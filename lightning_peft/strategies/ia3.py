@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_peft.strategies.base import PEFTStrategy, merged_stack, plain_lists, read_through
+from lightning_peft.strategies.base import PEFTStrategy, merged_stack, plain_lists
 from lightning_peft.strategies.modules_to_save import wrap_modules_to_save
 from lightning_peft.strategies.targeting import (
     ALL_LINEAR,
@@ -34,6 +34,7 @@ from lightning_peft.strategies.targeting import (
     linear_types,
     matches,
     model_type,
+    read_through,
     replace_module,
     validation_error,
 )

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.strategies.base import read_through
 from lightning_peft.strategies.lora_layers import InitLoRA, LoRABase, adapter_dtype, init_pair
-from lightning_peft.strategies.targeting import inner_layer
+from lightning_peft.strategies.targeting import inner_layer, read_through
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
