@@ -69,5 +69,9 @@ class LoRAEmbedding(LoRABase):
         result = self.base_layer(ids)  # (..., dim): E'[ids], E' the table the layers below give
         if self.merged or not self.enabled:
             return result
-        gain = self._dora_gain().to(result.dtype)  # (dim,), the norm a constant for autograd
+        if isinstance(self.base_layer, LoRABase):  # on another adapter: the table it gives
+            gain = self._dora_gain()
+        else:  # the column norms without building the (vocab, dim) sum
+            gain = self.lora_magnitude_vector / self._dora_row_norm(self.base_weight())
+        gain = gain.to(result.dtype)  # (dim,), the norm a constant for autograd
         return gain * (result + self._lora(ids).to(result.dtype))

@@ -158,37 +158,3 @@ class LoRALinear(LoRABase):
             norm = (self.weight_below() + self.delta_weight()).float().norm(dim=1)  # (out,)
         result = _DoRAScale.apply(base + self._lora(x).to(base.dtype), self.lora_magnitude_vector, norm)
         return result if bias is None else result + bias.to(result.dtype)
-
-    def _dora_row_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """||W + s B A|| per output row without building ``W + s B A`` (a no-grad constant).
-
-        ``||w_i + s b_i A||² = ||w_i||² + 2 s b_i·(A w_i) + s² b_i (A Aᵀ) b_iᵀ``: one skinny product
-        ``W Aᵀ`` (out × r) instead of an out × in sum, and ``||W||²`` is cached until the base weight
-        changes (merge, unmerge, an in-place edit or a new base layer: its version counter moves).
-        """
-        with torch.no_grad():
-            weight = weight.flatten(1)  # (out, in): the base weight as base_weight() gives it
-            weight_sq = self._weight_sq(weight)  # (out,)
-            a = self.lora_A.flatten(1)  # (r, in)
-            w_at = (weight @ a.to(weight.dtype).T).float()  # (out, r)
-            a, b = a.float(), self.lora_B.flatten(1).float()  # b: (out, r)
-            cross = (b * w_at).sum(dim=1)
-            update = ((b @ (a @ a.T)) * b).sum(dim=1)
-            s = self.scaling
-            squared = weight_sq + 2 * s * cross + s * s * update
-            return squared.clamp_min(0).sqrt()  # (out,) float32
-
-    def _weight_sq(self, weight: torch.Tensor) -> torch.Tensor:
-        """``||w_i||²`` per output row of the (out, in) ``weight``; eager mode caches it on the layer.
-
-        A compiled graph computes it each call (one fused reduction): the cache key (the stored
-        tensor's identity, address and version counter) and the attribute writes are not traceable.
-        """
-        if torch.compiler.is_compiling():
-            return weight.float().square().sum(dim=1)
-        stored = self.inner_layer().weight  # a quantized weight's dequantized copy is new each call
-        key = (id(stored), stored.data_ptr(), stored._version)
-        if getattr(self, "_weight_sq_key", None) != key:
-            self._weight_sq_cache = weight.float().square().sum(dim=1)
-            self._weight_sq_key = key
-        return self._weight_sq_cache
