@@ -302,6 +302,17 @@ def test_dora_embedding_magnitude_is_one_norm_per_embedding_dimension() -> None:
     torch.testing.assert_close(layer.lora_magnitude_vector.detach(), layer.base_layer.weight.norm(dim=0))
 
 
+def test_dora_embedding_column_norms_match_the_norms_of_the_summed_table() -> None:
+    torch.manual_seed(0)
+    model = LoRA(r=8, target_modules=["0"], use_dora=True, init_lora_weights=False)
+    layer = model.apply(nn.Sequential(nn.Embedding(3000, 32)))[0]
+    with torch.no_grad():
+        summed = layer.inner_layer().weight + layer.delta_weight().T  # (vocab, dim), built by hand
+        torch.testing.assert_close(
+            layer._dora_row_norm(layer.base_weight()), summed.norm(dim=0), rtol=1e-5, atol=0
+        )
+
+
 @pytest.mark.parametrize(
     ("strategy", "message"),
     [
