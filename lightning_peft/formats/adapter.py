@@ -322,8 +322,9 @@ class SavedAdapter:
         for key, value in self.tensors.items():
             if key in mapping:
                 name = mapping[key]
-                if name.endswith("lora_magnitude_vector") and value.numel() == math.prod(own[name]):
-                    value = value.reshape(own[name])  # peft stores Conv2d magnitudes as (1, out, 1, 1)
+                reshaped = name.endswith(("lora_magnitude_vector", "ia3_l"))
+                if reshaped and value.numel() == math.prod(own[name]):
+                    value = value.reshape(own[name])  # peft's conv layout: (1, channels, 1, ...)
                 state[name] = value
             else:
                 base[frozen[key]] = value

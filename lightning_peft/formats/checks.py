@@ -74,7 +74,10 @@ def check_sizes(strategy: PEFTStrategy, tensors: Mapping[str, torch.Tensor], sou
                 f"{name} {shape}": shape[dim]
                 for name, shape in shapes.items()
                 for ending, dim in _RANK_DIMS
-                if (name == ending or name.endswith("." + ending)) and len(shape) > dim
+                if (name == ending or name.endswith("." + ending))
+                and len(shape) > dim
+                # a grouped convolution's B holds r / groups channels per group; A carries r
+                and not (ending.startswith("lora_B") and len(shape) > 2)
             }
             if not ranks:
                 problems.append(

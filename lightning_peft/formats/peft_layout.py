@@ -8,8 +8,10 @@ ours (relative to the adapted model)  peft
 ====================================  ==================================================
 ``<m>.lora_A`` / ``<m>.lora_B``       ``<m>.lora_A.weight`` / ``<m>.lora_B.weight``
 ``<m>.lora_embedding_A`` / ``_B``     the same (parameters in peft too: no ``.weight``)
-``<m>.lora_magnitude_vector``         the same; Conv2d DoRA as ``(1, out, 1, 1)``
-``<m>.ia3_l``                         the same
+``<m>.lora_magnitude_vector``         the same; conv DoRA as ``(1, out, 1, ...)``
+``<m>.out_proj_lora_A`` / ``_B``      ``<m>.base_layer.out_proj.lora_A.weight`` / ``_B``
+                                      (``nn.MultiheadAttention``'s output projection)
+``<m>.ia3_l``                         the same; conv ``(out, 1, 1, ...)`` as ``(1, out, 1, ...)``
 ``<m>.trained.<t>`` (modules_to_save) ``<m>.<t>``: the module's own key
 ``prompt_encoder.prompt_embeddings``  ``prompt_embeddings`` (no prefix)
 ``prefix_encoder.prefix`` (or MLP)    ``prompt_embeddings``: the computed prefix
@@ -45,6 +47,11 @@ TASK_HEADS = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 _SUFFIXED = ("lora_A", "lora_B")  # nn.Linear / nn.Conv2d submodules in peft: their tensor is ".weight"
+# peft wraps nn.MultiheadAttention's out_proj in a LoRA layer of its own, under the attention's base_layer
+_ATTENTION_OUT = {
+    "out_proj_lora_A": "base_layer.out_proj.lora_A.weight",
+    "out_proj_lora_B": "base_layer.out_proj.lora_B.weight",
+}
 _PROMPT_TENSORS = (f"{PROMPT_ATTR}.prompt_embeddings", f"{PREFIX_ATTR}.prefix")
 _PREFIX_MLP = f"{PREFIX_ATTR}.prefix_embeddings"
 # Hugging Face class name endings -> peft task type (what picks PeftModelForCausalLM & co.)
@@ -107,9 +114,11 @@ def peft_name(name: str, method: PEFTStrategy) -> str:
     """Our tensor name (relative to the adapted model) -> peft's, without the ``base_model`` prefix."""
     if any(name == t or name.endswith("." + t) for t in _PROMPT_TENSORS):
         return "prompt_embeddings"
-    leaf = name.rpartition(".")[2]
+    module, _, leaf = name.rpartition(".")
     if leaf in _SUFFIXED:
         return f"{name}.weight"
+    if leaf in _ATTENTION_OUT:
+        return f"{module}.{_ATTENTION_OUT[leaf]}" if module else _ATTENTION_OUT[leaf]
     head, found, rest = name.partition(".trained.")
     if found and matches(head, getattr(method, "modules_to_save", None)):
         return f"{head}.{rest}"
@@ -141,11 +150,14 @@ def with_computed_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def to_peft_value(name: str, value: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """peft stores Conv2d DoRA magnitudes as ``(1, out, 1, 1)``; ours are ``(out,)``."""
+    """peft stores conv DoRA magnitudes as ``(1, out, 1, ...)`` (ours are ``(out,)``) and conv IA3
+    vectors as ``(1, channels, 1, ...)`` (ours that scale outputs are ``(out, 1, 1, ...)``)."""
     if name.endswith("lora_magnitude_vector"):
         lora_a = tensors.get(name[: -len("lora_magnitude_vector")] + "lora_A")
-        if lora_a is not None and lora_a.dim() == 4:
-            return value.reshape(1, -1, 1, 1)
+        if lora_a is not None and lora_a.dim() >= 3:
+            return value.reshape(1, -1, *(1,) * (lora_a.dim() - 2))
+    if name.endswith("ia3_l") and value.dim() >= 3:
+        return value.reshape(1, -1, *(1,) * (value.dim() - 2))
     return value
 
 

@@ -29,8 +29,8 @@ from lightning_peft.strategies.base import (
 from lightning_peft.strategies.bottleneck import ACTIVATIONS, BottleneckAdapter, BottleneckLayer
 from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.freeze import Freeze
-from lightning_peft.strategies.ia3 import IA3, IA3Linear
-from lightning_peft.strategies.lora import LORA_LAYERS, LoRA, LoRAEmbedding
+from lightning_peft.strategies.ia3 import IA3, IA3_LAYERS
+from lightning_peft.strategies.lora import LORA_LAYERS, LoRA, LoRAEmbedding, LoRAMultiheadAttention
 from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.named import adapter_names, adapter_state_dict, canonical_name
 from lightning_peft.strategies.prompt import PrefixEncoder, PrefixTuning, PromptEncoder, PromptTuning
@@ -156,8 +156,8 @@ def infer_strategy(model: nn.Module, adapter_name: str) -> PEFTStrategy:
     paths = [path for path, _ in layers]
     if layers and all(isinstance(m, LORA_LAYERS) for _, m in layers):
         strategy: PEFTStrategy = _lora_from_layers(layers, saved, model)
-    elif kinds == ["IA3Linear"]:
-        feedforward = [path for path, m in layers if isinstance(m, IA3Linear) and m.is_feedforward]
+    elif layers and all(isinstance(m, IA3_LAYERS) for _, m in layers):
+        feedforward = [path for path, m in layers if m.is_feedforward]
         strategy = IA3(target_modules=paths, feedforward_modules=feedforward, modules_to_save=saved)
     elif kinds == ["PromptEncoder"]:
         (encoder,) = [m for _, m in layers if isinstance(m, PromptEncoder)]
@@ -184,7 +184,12 @@ def infer_strategy(model: nn.Module, adapter_name: str) -> PEFTStrategy:
 def _lora_from_layers(layers: list[tuple[str, nn.Module]], saved: list[str] | None, model: nn.Module) -> LoRA:
     settings = {(m.r, m.scaling, hasattr(m, "lora_magnitude_vector")) for _, m in layers}
     # embeddings have no dropout (token ids are not dropped), so only the other layers tell
-    dropouts = {getattr(m.lora_dropout, "p", 0.0) for _, m in layers if not isinstance(m, LoRAEmbedding)}
+    # (nor attention modules: their update acts through the weights, as in peft)
+    dropouts = {
+        getattr(m.lora_dropout, "p", 0.0)
+        for _, m in layers
+        if not isinstance(m, LoRAEmbedding | LoRAMultiheadAttention)
+    }
     if len(settings) > 1 or len(dropouts) > 1:
         raise ValueError(
             "the LoRA layers differ in rank, scaling, DoRA or dropout; export the model from its "

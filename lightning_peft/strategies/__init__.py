@@ -10,8 +10,16 @@ from lightning_peft.strategies.base import (
 from lightning_peft.strategies.bottleneck import BottleneckAdapter, BottleneckLayer
 from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.freeze import Freeze
-from lightning_peft.strategies.ia3 import IA3, IA3Linear
-from lightning_peft.strategies.lora import LoRA, LoRAConv2d, LoRAEmbedding, LoRALinear
+from lightning_peft.strategies.ia3 import IA3, IA3Conv, IA3Linear
+from lightning_peft.strategies.lora import (
+    LoRA,
+    LoRAConv1d,
+    LoRAConv2d,
+    LoRAConv3d,
+    LoRAEmbedding,
+    LoRALinear,
+    LoRAMultiheadAttention,
+)
 from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.named import (
     active_adapters,
@@ -30,14 +38,18 @@ __all__ = [
     "IA3",
     "BottleneckAdapter",
     "BottleneckLayer",
+    "IA3Conv",
     "IA3Linear",
     "PEFTLayer",
     "Compose",
     "Freeze",
     "LoRA",
+    "LoRAConv1d",
     "LoRAConv2d",
+    "LoRAConv3d",
     "LoRAEmbedding",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "ModuleToSave",
     "PEFTStrategy",
     "PrefixTuning",

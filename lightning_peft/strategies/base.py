@@ -206,13 +206,18 @@ class PEFTStrategy:
         Adapters stacked on one layer merge from the inside out; each base layer records the order,
         and :meth:`unmerge` takes them out in reverse. Raises ``ValueError`` before changing anything
         if a base weight is shared with another module (tied input and output embeddings): merging
-        would change that module's outputs too.
+        would change that module's outputs too, or if a layer cannot merge (its ``merge_refusal``).
         """
         chosen = [
             (name, m)
             for name, m in adapter_modules(model)
             if isinstance(m, MergeableLayer) and not m.merged and getattr(m, "enabled", True)
         ]
+        # layers that cannot fold their update into the weight say why (LoRA on a grouped convolution)
+        refused = [f"{name}: {m.merge_refusal}" for name, m in chosen if getattr(m, "merge_refusal", None)]
+        if refused:
+            lines = "\n".join(f"  - {p}" for p in refused)
+            raise ValueError(f"cannot merge, nothing was changed:\n{lines}")
         shared = _shared_base_weights(model, chosen)
         if shared:
             lines = "\n".join(f"  - {p}" for p in shared)

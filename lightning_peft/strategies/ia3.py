@@ -1,6 +1,7 @@
 """(IA)^3: Infused Adapter by Inhibiting and Amplifying Inner Activations (Liu et al., 2022).
 
-A learned vector ``l`` rescales activations of frozen linear layers, one number per feature::
+A learned vector ``l`` rescales activations of frozen linear layers, one number per feature (per
+channel for 2-d and 3-d convolutions)::
 
     keys, values (sec. 3.3):   y = l_out ⊙ (W x + b)        l_out: (out, 1)
     feed-forward:              y = W (l_in ⊙ x) + b         l_in:  (1, in)
@@ -33,6 +34,7 @@ from lightning_peft.strategies.targeting import (
     linear_types,
     matches,
     model_type,
+    read_through,
     replace_module,
     validation_error,
 )
@@ -159,12 +161,108 @@ class IA3Linear(nn.Module):
             stack.remove(self)
 
 
+class IA3Conv(nn.Module):
+    """(IA)^3 around an ``nn.Conv2d`` or ``nn.Conv3d``: one number per output channel, or per input
+    channel for a feed-forward layer.
+
+    ``ia3_l`` is ``(out, 1, 1, ...)`` (output scaling) or ``(1, in, 1, ...)`` (input scaling), so the
+    two kinds stay apart in a saved file; peft stores both as ``(1, channels, 1, ...)``.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, is_feedforward: bool = False, init_ia3_weights: bool = True
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.is_feedforward = is_feedforward
+        weight = base_layer.weight  # (out, in / groups, *kernel)
+        self.ones = (1,) * (weight.dim() - 2)
+        shape = (1, base_layer.in_channels) if is_feedforward else (base_layer.out_channels, 1)
+        self.ia3_l = nn.Parameter(torch.ones(*shape, *self.ones, device=weight.device, dtype=weight.dtype))
+        if not init_ia3_weights:  # random vectors: not an identity, for tests (as peft)
+            with torch.no_grad():
+                self.ia3_l.normal_()
+        self.merged = False
+        self.enabled = True
+
+    def adapter_params(self) -> list[str]:
+        return ["ia3_l"]
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.enabled:
+            return self.base_layer(x)
+        scale = self.ia3_l.view(1, -1, *self.ones)  # broadcasts over (N, channels, *spatial)
+        if self.is_feedforward:
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))
+        result = self.base_layer(x)
+        return (result.to(scale.dtype) * scale).to(result.dtype)
+
+    def _weight_scale(self) -> torch.Tensor:
+        """``l`` shaped to multiply the ``(out, in / groups, *kernel)`` weight."""
+        conv = self.base_layer
+        if not self.is_feedforward:
+            return self.ia3_l  # (out, 1, *ones)
+        groups = conv.groups
+        per_group = self.ia3_l.view(groups, 1, conv.in_channels // groups)  # input channels by group
+        expanded = per_group.expand(groups, conv.out_channels // groups, -1)
+        return expanded.reshape(conv.out_channels, -1, *self.ones)  # (out, in / groups, *ones)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``l`` into the kernels (and the bias, for output scaling)."""
+        if self.merged:
+            return
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        scale = self._weight_scale().to(weight.dtype)
+        new_weight = weight * scale
+        new_bias = (
+            bias * self.ia3_l.view(-1).to(bias.dtype)
+            if bias is not None and not self.is_feedforward
+            else None
+        )
+        if not (torch.isfinite(new_weight).all() and (new_bias is None or torch.isfinite(new_bias).all())):
+            raise ValueError("merging IA3Conv gives non-finite weights; the adapter is left unmerged")
+        weight.copy_(new_weight)
+        if new_bias is not None:
+            bias.copy_(new_bias)
+        self.merged = True
+        merged_stack(self).append(self)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Divide ``l`` back out (exact up to float rounding); refuses when ``l`` holds a zero."""
+        if not self.merged:
+            return
+        if not bool((self.ia3_l != 0).all()):
+            raise ValueError(
+                "cannot unmerge IA3Conv: its scaling vector holds zeros; reload the base weights instead"
+            )
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        weight.div_(self._weight_scale().to(weight.dtype))
+        if bias is not None and not self.is_feedforward:
+            bias.div_(self.ia3_l.view(-1).to(bias.dtype))
+        self.merged = False
+        stack = merged_stack(self)
+        if self in stack:
+            stack.remove(self)
+
+
+read_through(
+    IA3Conv, ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+)
+
+IA3_LAYERS = (IA3Linear, IA3Conv)
+
+
 @dataclass
 class IA3(PEFTStrategy):
     """(IA)^3 scaling vectors on attention keys and values and on the feed-forward input.
 
     Args:
-        target_modules: linear or ``Conv1D`` layers to scale: a full-match regex, a list of names or
+        target_modules: linear, ``Conv1D``, ``Conv2d`` or ``Conv3d`` layers to scale: a full-match regex, a list of names or
             suffixes, or ``"all-linear"``. None (default) takes peft's default for the architecture,
             read from ``config.model_type`` (Llama: ``k_proj``, ``v_proj``, ``down_proj``).
         feedforward_modules: which targets scale their *input* (the feed-forward layers, sec. 3.3);
@@ -233,7 +331,7 @@ class IA3(PEFTStrategy):
             model,
             owner="IA3",
             target_modules=targets_spec,
-            supported=linear_types(),
+            supported=(*linear_types(), nn.Conv2d, nn.Conv3d),
             exclude_modules=self.exclude_modules,
             layers_to_transform=self.layers_to_transform,
             layers_pattern=self.layers_pattern,
@@ -258,5 +356,6 @@ class IA3(PEFTStrategy):
                     )
         validation_error("IA3", problems)
         for name, module in targets:
-            layer = IA3Linear(module, matches(name, feedforward_spec), self.init_ia3_weights)
+            kind = IA3Conv if isinstance(module, nn.Conv2d | nn.Conv3d) else IA3Linear
+            layer = kind(module, matches(name, feedforward_spec), self.init_ia3_weights)
             replace_module(model, name, layer)

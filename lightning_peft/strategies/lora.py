@@ -1,7 +1,8 @@
-"""The LoRA strategy: which layers get a LoRA layer (``lora_layers.py``), with what settings.
+"""The LoRA strategy: which layers get a LoRA layer, with what settings.
 
-See ``lora_layers.py`` for the method itself (LoRA, rsLoRA, DoRA) and ``lora_autograd.py`` for its
-fast paths.
+See ``lora_layers.py`` for the method itself (LoRA, rsLoRA, DoRA), one file per layer kind for the
+layers (``lora_linear.py``, ``lora_embedding.py``, ``lora_conv.py``, ``lora_mha.py``) and
+``lora_autograd.py`` for the linear layers' fast paths.
 """
 
 from __future__ import annotations
@@ -12,19 +13,24 @@ from typing import Literal
 from torch import nn
 
 from lightning_peft.strategies.base import PEFTStrategy, plain_lists
-from lightning_peft.strategies.lora_layers import (
-    LORA_LAYERS,
-    InitLoRA,
+from lightning_peft.strategies.lora_conv import (
+    LORA_CONV_LAYERS,
+    LoRAConv,
+    LoRAConv1d,
     LoRAConv2d,
-    LoRAEmbedding,
-    LoRALinear,
+    LoRAConv3d,
 )
+from lightning_peft.strategies.lora_embedding import LoRAEmbedding
+from lightning_peft.strategies.lora_layers import InitLoRA
+from lightning_peft.strategies.lora_linear import LoRALinear
+from lightning_peft.strategies.lora_mha import LoRAMultiheadAttention
 from lightning_peft.strategies.modules_to_save import (
     frozen_copy_prefixes,
     select_modules_to_save,
     wrap_modules_to_save,
 )
 from lightning_peft.strategies.targeting import (
+    ALL_LINEAR,
     check_entries,
     check_spec,
     find_targets,
@@ -41,10 +47,18 @@ __all__ = [
     "LORA_LAYERS",
     "InitLoRA",
     "LoRA",
+    "LoRAConv",
+    "LoRAConv1d",
     "LoRAConv2d",
+    "LoRAConv3d",
     "LoRAEmbedding",
     "LoRALinear",
+    "LoRAMultiheadAttention",
 ]
+
+LORA_LAYERS = (LoRALinear, LoRAEmbedding, LoRAConv, LoRAMultiheadAttention)
+# the layer kinds LoRA adapts besides the linear ones (nn.Linear, transformers' Conv1D)
+_OTHER_KINDS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
 # Layers (name suffixes) whose output the model itself keeps for backward (attention's values, an
 # activation's input, a gated product's operands), per architecture. DoRA saves the output of these (free) and recomputes
@@ -66,7 +80,10 @@ DORA_KEPT_OUTPUTS: dict[str, frozenset[str]] = {
 
 @dataclass
 class LoRA(PEFTStrategy):
-    """Low-rank adapters on linear, Conv1D, embedding and 2-D convolution layers.
+    """Low-rank adapters on linear, Conv1D, embedding, convolution (1-, 2-, 3-d) and attention layers.
+
+    ``nn.MultiheadAttention`` is adapted as one module (its packed q/k/v and output projections,
+    without dropout, as peft); target the attention module, not its ``out_proj``.
 
     Args:
         r: rank of the update (LoRA sec. 4.1).
@@ -81,7 +98,8 @@ class LoRA(PEFTStrategy):
         modules_to_save: modules trained whole (e.g. a new classifier head).
         bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted layers).
         use_rslora: rank-stabilised scaling.
-        use_dora: weight-decomposed LoRA (linear and conv layers).
+        use_dora: weight-decomposed LoRA (linear, embedding and convolution layers; not grouped
+            convolutions or ``nn.MultiheadAttention``).
         init_lora_weights: ``True`` (B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), or ``False``
             (both random: not an identity, for tests).
         share_dropout_mask: with ``lora_dropout``, layers that read the same tensor (q, k and v; gate
@@ -90,7 +108,7 @@ class LoRA(PEFTStrategy):
             of one per layer (1/32 of a float32 input each). Each layer still drops a fraction
             ``lora_dropout``, but the layers drop the same elements, so training is no longer what
             peft's recipes with the same ``lora_dropout`` describe. Eager mode only (torch.compile
-            raises); plain ``nn.Linear``/``Conv1D`` layers (Conv2d layers draw their own).
+            raises); plain ``nn.Linear``/``Conv1D`` layers (convolutions draw their own).
 
     Example::
 
@@ -154,23 +172,54 @@ class LoRA(PEFTStrategy):
             model,
             owner=owner,
             target_modules=self.target_modules,
-            supported=(*linear_types(), nn.Embedding, nn.Conv2d),
+            supported=(*linear_types(), *_OTHER_KINDS),
             exclude_modules=self.exclude_modules,
             layers_to_transform=self.layers_to_transform,
             layers_pattern=self.layers_pattern,
             skip={n for s in saved for n in (s, s + ".trained", s + ".original")},
         )
+        # an attention module reads its out_proj's weight without calling it: a LoRA layer there
+        # would never run (the attention module itself is the target)
+        unused = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+        if self.target_modules == ALL_LINEAR:
+            targets = [(n, m) for n, m in targets if n not in unused]
         problems = []
         for name, target in targets:
-            module = inner_layer(target)  # a named adapter may wrap the layer already (add_adapter)
             if any(name == s or name.startswith(s + ".") for s in saved):
                 problems.append(f"{name!r} is inside modules_to_save; it is trained whole already")
-            elif self.use_dora and isinstance(module, nn.Embedding):
-                problems.append(f"{name!r} is an Embedding; use_dora supports Linear, Conv1D and Conv2d")
-            elif isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
-                problems.append(f"{name!r}: LoRA supports Conv2d with groups=1 and padding_mode='zeros'")
+            elif name in unused:
+                problems.append(
+                    f"{name!r} is the output projection of an nn.MultiheadAttention, which never calls "
+                    f"it; target the attention module {name.rpartition('.')[0]!r} (it adapts both projections)"
+                )
+            else:
+                problems.extend(self._layer_problems(name, inner_layer(target)))
         validation_error(owner, problems)
         return targets
+
+    def _layer_problems(self, name: str, module: nn.Module) -> list[str]:
+        """Why LoRA with these settings cannot adapt ``module`` (the original layer under any adapters)."""
+        problems = []
+        if isinstance(module, nn.MultiheadAttention):
+            if self.use_dora:
+                problems.append(
+                    f"{name!r} is an nn.MultiheadAttention; use_dora does not apply to it (nor in peft)"
+                )
+            if not module._qkv_same_embed_dim:
+                problems.append(
+                    f"{name!r}: LoRA supports nn.MultiheadAttention with kdim == vdim == embed_dim"
+                )
+        elif isinstance(module, tuple(LORA_CONV_LAYERS)):
+            kind = type(module).__name__
+            if module.padding_mode != "zeros":
+                problems.append(f"{name!r}: LoRA supports {kind} with padding_mode='zeros'")
+            if module.groups > 1 and self.r % module.groups:
+                problems.append(
+                    f"{name!r} is a {kind} with groups={module.groups}: r must be a multiple of it, got r={self.r}"
+                )
+            if module.groups > 1 and self.use_dora:
+                problems.append(f"{name!r} is a {kind} with groups={module.groups}; use_dora needs groups=1")
+        return problems
 
     def inject(self, model: nn.Module) -> None:
         # everything is checked before the model is touched: a bad config leaves it as it was
@@ -184,9 +233,12 @@ class LoRA(PEFTStrategy):
             # the layer's kind is that of the original layer, also below other named adapters
             layer = inner_layer(module)
             if isinstance(layer, nn.Embedding):
-                new: nn.Module = LoRAEmbedding(module, **common)
-            elif isinstance(layer, nn.Conv2d):
-                new = LoRAConv2d(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
+                new: nn.Module = LoRAEmbedding(module, use_dora=self.use_dora, **common)
+            elif isinstance(layer, nn.MultiheadAttention):
+                new = LoRAMultiheadAttention(module, **common)
+            elif isinstance(layer, tuple(LORA_CONV_LAYERS)):
+                kind = next(c for t, c in LORA_CONV_LAYERS.items() if isinstance(layer, t))
+                new = kind(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
             else:
                 new = LoRALinear(
                     module,
@@ -203,7 +255,9 @@ class LoRA(PEFTStrategy):
         if self.bias == "lora_only":
             names = set()
             for name, module in model.named_modules():
-                if isinstance(module, LORA_LAYERS) and isinstance(module.bias, nn.Parameter):
+                if isinstance(module, LORA_LAYERS) and isinstance(
+                    getattr(module, "bias", None), nn.Parameter
+                ):
                     while isinstance(getattr(module, "base_layer", None), nn.Module):
                         name, module = f"{name}.base_layer", module.base_layer
                     names.add(f"{name}.bias")

@@ -31,21 +31,11 @@ import warnings
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.strategies.base import PEFTLayer, merged_stack
-from lightning_peft.strategies.lora_autograd import (
-    DropoutMask,
-    _DoRAScale,
-    _DroppedLoRA,
-    _FusedDoRALinear,
-    _FusedLoRALinear,
-    dropout_mask,
-    shared_dropout_mask,
-)
 from lightning_peft.strategies.quantized import dense_weight, dequantized_linear, quantized_kind
-from lightning_peft.strategies.targeting import inner_layer, is_conv1d
+from lightning_peft.strategies.targeting import inner_layer
 
 InitLoRA = bool | Literal["gaussian"]
 
@@ -55,25 +45,25 @@ def _autocasts(kind: str) -> bool:
     return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """Autocast's dtype when it is on for ``x``'s device, else None."""
     kind = x.device.type
     return torch.get_autocast_dtype(kind) if _autocasts(kind) else None
 
 
-def _autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Autocast switched off for ``x``'s device while our autograd nodes run (their operands are
     cast beforehand: in-place sums and hand-written backwards need one dtype throughout)."""
     kind = x.device.type
     return torch.autocast(kind, enabled=False) if _autocasts(kind) else contextlib.nullcontext()
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     # quantized bases store integers; their adapters train in float32
     return weight.dtype if weight.is_floating_point() else torch.float32
 
 
-def _init_pair(a: torch.Tensor, b: torch.Tensor, init: InitLoRA, r: int, a_is_zero: bool = False) -> None:
+def init_pair(a: torch.Tensor, b: torch.Tensor, init: InitLoRA, r: int, a_is_zero: bool = False) -> None:
     """Initialise (A, B) so that B A = 0 unless ``init`` is False (then both random, for tests)."""
     with torch.no_grad():
         first, second = (b, a) if a_is_zero else (a, b)
@@ -89,11 +79,13 @@ def _init_pair(a: torch.Tensor, b: torch.Tensor, init: InitLoRA, r: int, a_is_ze
             nn.init.zeros_(second)
 
 
-class _LoRABase(nn.Module):
+class LoRABase(nn.Module):
     """State and merge logic shared by the LoRA layers; each layer defines ``delta_weight`` and ``forward``."""
 
     base_layer: nn.Module
     scaling: float
+    a_is_zero = False  # which factor starts at zero: B (linear, conv), or A (embeddings, as peft)
+    stored_in_out = False  # the base stores its weight as (in, out) (embedding tables)
 
     def _setup(
         self, base_layer: nn.Module, r: int, lora_alpha: float, use_rslora: bool, init: InitLoRA
@@ -121,7 +113,7 @@ class _LoRABase(nn.Module):
         it for a whole model.
         """
         a, b = self.adapter_pair()
-        _init_pair(a, b, self.init_lora_weights, self.r, a_is_zero=isinstance(self, LoRAEmbedding))
+        init_pair(a, b, self.init_lora_weights, self.r, a_is_zero=self.a_is_zero)
         if hasattr(self, "lora_magnitude_vector"):
             norm = self.base_weight().float().flatten(1).norm(dim=1)
             self.lora_magnitude_vector.copy_(norm)
@@ -149,7 +141,7 @@ class _LoRABase(nn.Module):
         A quantized base layer gives a dequantized copy (see :func:`dense_weight`).
         """
         weight = dense_weight(self.inner_layer())
-        return weight.T if getattr(self, "fan_in_fan_out", False) else weight
+        return weight.T if self.stored_in_out or getattr(self, "fan_in_fan_out", False) else weight
 
     def delta_weight(self) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} must define delta_weight")
@@ -167,7 +159,7 @@ class _LoRABase(nn.Module):
         """The weight this adapter applies to, as ``(out, in, ...)``: the base weight with the active,
         unmerged LoRA adapters below folded in (merged ones are in the base weight already)."""
         below = self.base_layer
-        return below.adapted_weight() if isinstance(below, _LoRABase) else self.base_weight()
+        return below.adapted_weight() if isinstance(below, LoRABase) else self.base_weight()
 
     @torch.no_grad()
     def adapted_weight(self) -> torch.Tensor:
@@ -197,17 +189,7 @@ class _LoRABase(nn.Module):
         """
         if self.merged:
             return
-        pending = [
-            m
-            for m in self.adapters_below()
-            if getattr(m, "enabled", True) and not getattr(m, "merged", False)
-        ]
-        if pending:
-            names = ", ".join(repr(_adapter_name(m)) for m in pending)
-            raise ValueError(
-                f"cannot merge adapter {_adapter_name(self)!r} before the active adapters below it ({names}): "
-                f"merge those first, or merge the whole model with PEFTStrategy.merge(model)"
-            )
+        self._check_merge_order()
         if quantized_kind(self.inner_layer()) is not None:
             self._dequantize_base()
         weight = self.base_weight()
@@ -238,13 +220,7 @@ class _LoRABase(nn.Module):
         """
         if not self.merged:
             return
-        stack = merged_stack(self)
-        if self in stack and stack[-1] is not self:
-            later = ", ".join(repr(_adapter_name(m)) for m in stack[stack.index(self) + 1 :])
-            raise ValueError(
-                f"cannot unmerge adapter {_adapter_name(self)!r} while {later}, merged into the same weight "
-                f"after it, is merged: unmerge in reverse order, e.g. with PEFTStrategy.unmerge(model)"
-            )
+        self._check_unmerge_order()
         weight = self.base_weight()
         delta = self.delta_weight().to(weight.dtype)
         if hasattr(self, "lora_magnitude_vector"):
@@ -252,7 +228,35 @@ class _LoRABase(nn.Module):
             weight.copy_(weight / gain.view(-1, *[1] * (weight.dim() - 1)) - delta)
         else:
             weight.sub_(delta)
+        self._pop_merged()
+
+    def _check_merge_order(self) -> None:
+        """Raise unless every active adapter this one is stacked on is merged already."""
+        pending = [
+            m
+            for m in self.adapters_below()
+            if getattr(m, "enabled", True) and not getattr(m, "merged", False)
+        ]
+        if pending:
+            names = ", ".join(repr(adapter_name_of(m)) for m in pending)
+            raise ValueError(
+                f"cannot merge adapter {adapter_name_of(self)!r} before the active adapters below it ({names}): "
+                f"merge those first, or merge the whole model with PEFTStrategy.merge(model)"
+            )
+
+    def _check_unmerge_order(self) -> None:
+        """Raise if an adapter merged into the same weight after this one is still merged."""
+        stack = merged_stack(self)
+        if self in stack and stack[-1] is not self:
+            later = ", ".join(repr(adapter_name_of(m)) for m in stack[stack.index(self) + 1 :])
+            raise ValueError(
+                f"cannot unmerge adapter {adapter_name_of(self)!r} while {later}, merged into the same weight "
+                f"after it, is merged: unmerge in reverse order, e.g. with PEFTStrategy.unmerge(model)"
+            )
+
+    def _pop_merged(self) -> None:
         self.merged = False
+        stack = merged_stack(self)
         if self in stack:
             stack.remove(self)
 
@@ -288,9 +292,10 @@ class _LoRABase(nn.Module):
         with torch.no_grad():
             weight = weight.flatten(1)  # (out, in): the base weight as base_weight() gives it
             weight_sq = self._weight_sq(weight)  # (out,)
-            a = self.lora_A.flatten(1)  # (r, in)
+            a, b = self.adapter_pair()
+            a, b = a.flatten(1), b.flatten(1)  # (r, in), (out, r)
             w_at = (weight @ a.to(weight.dtype).T).float()  # (out, r)
-            a, b = a.float(), self.lora_B.flatten(1).float()  # b: (out, r)
+            a, b = a.float(), b.float()
             cross = (b * w_at).sum(dim=1)
             update = ((b @ (a @ a.T)) * b).sum(dim=1)
             s = self.scaling
@@ -313,239 +318,5 @@ class _LoRABase(nn.Module):
         return self._weight_sq_cache
 
 
-class LoRALinear(_LoRABase):
-    """LoRA (and DoRA) around an ``nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out``)."""
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        init_lora_weights: InitLoRA = True,
-        share_dropout_mask: bool = False,
-    ) -> None:
-        super().__init__()
-        self._setup(base_layer, r, lora_alpha, use_rslora, init_lora_weights)
-        self.share_dropout_mask = share_dropout_mask
-        inner = inner_layer(base_layer)
-        self.fan_in_fan_out = is_conv1d(inner)
-        weight = base_layer.weight
-        if isinstance(inner, nn.Linear):  # read the sizes without dequantizing a quantized weight
-            out_features, in_features = inner.out_features, inner.in_features
-        else:
-            out_features, in_features = self.base_weight().shape
-        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, **kwargs))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, **kwargs))
-        _init_pair(self.lora_A, self.lora_B, init_lora_weights, r)
-        # the rate lives on the module (peft's layout; export reads it there); the layer applies it
-        # itself (dropout_mask), keeping the mask as bits; each layer draws its own unless
-        # share_dropout_mask (see LoRA)
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        if use_dora:
-            with torch.no_grad():
-                norm = self.base_weight().float().norm(dim=1).to(kwargs["dtype"])
-            self.lora_magnitude_vector = nn.Parameter(norm)
-            self.forward = self._forward_dora  # decided once, not per call
-        # DoRA's magnitude gradient reads the output: save it (free where the model keeps it anyway)
-        # or recompute the base matmul in backward; LoRA.inject sets it per layer (DORA_KEPT_OUTPUTS)
-        self.dora_saves_output = True
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
-
-    def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        # one dtype for x, A and B: autocast's when it is on (our autograd nodes compute with it off),
-        # else x's; float32 adapters over a bfloat16 model (QLoRA) cast the small (r x in, out x r)
-        # matrices, not the input, as autocast would: a float32 copy of x would be saved per layer
-        dtype = _autocast_dtype(x) or x.dtype
-        with _autocast_off(x):
-            lora_x, lora_a, lora_b = x.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype)
-            mask = self._dropout_mask(x, dtype)
-            if mask is not None:
-                return _DroppedLoRA.apply(lora_x, lora_a, lora_b, self.scaling, mask)
-            # scaling the (..., r) hidden rather than B: autograd then saves nothing larger than peft does
-            return F.linear(F.linear(lora_x, lora_a) * self.scaling, lora_b)  # (..., out)
-
-    @property
-    def dropout_p(self) -> float:
-        return getattr(self.lora_dropout, "p", 0.0)
-
-    def _dropout_mask(self, x: torch.Tensor, dtype: torch.dtype) -> DropoutMask | None:
-        if not (self.dropout_p > 0 and self.training):
-            return None
-        if self.share_dropout_mask:
-            return shared_dropout_mask(x, self.dropout_p, self, dtype)
-        return dropout_mask(x, self.dropout_p, dtype)
-
-    def _fused_operands(self, base: nn.Module, x: torch.Tensor) -> tuple | None:
-        """``(x, W, b, A, B)`` in one dtype when one fused autograd node can stand for the base and
-        the adapter, else None: a plain dense ``nn.Linear`` base without hooks (they must run), and
-        one dtype throughout, or autocast on (everything then in its dtype, as its ``F.linear`` would
-        compute). Checked per call: a merge of a quantized base, a hook or ``.to()`` may change these."""
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-            return None
-        operands = (x, base.weight, base.bias, self.lora_A, self.lora_B)
-        dtype = _autocast_dtype(x)
-        if dtype is not None:
-            return tuple(t if t is None else t.to(dtype) for t in operands)
-        return operands if x.dtype == base.weight.dtype == self.lora_A.dtype else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled:
-            return self.base_layer(x)
-        base = self.base_layer
-        operands = self._fused_operands(base, x)
-        if operands is not None:
-            mask = self._dropout_mask(x, operands[0].dtype)  # drawn for x itself (the layers' dtype)
-            with _autocast_off(x):
-                return _FusedLoRALinear.apply(*operands, self.scaling, mask)
-        # a quantized, hooked or stacked base, a Conv1D or mixed dtypes: the layers as they are
-        result = base(x)  # (..., out)
-        return result + self._lora(x).to(result.dtype)
-
-    def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled:
-            return self.base_layer(x)
-        base = self.base_layer
-        if isinstance(base, _LoRABase):
-            return self._forward_dora_stacked(x)
-        operands = self._fused_operands(base, x)
-        if operands is not None:
-            mask = self._dropout_mask(x, operands[0].dtype)
-            magnitude, norm = self.lora_magnitude_vector, self._dora_row_norm(base.weight)
-            with _autocast_off(x):
-                return _FusedDoRALinear.apply(
-                    *operands, magnitude, norm, self.scaling, mask, self.dora_saves_output
-                )
-        # a dequantized base weight may come back in another dtype than x (LLM.int8 gives float32)
-        weight = self.base_weight()
-        base = F.linear(x, weight.to(x.dtype))  # (..., out), bias added last
-        norm = self._dora_row_norm(weight)
-        result = _DoRAScale.apply(base + self._lora(x).to(base.dtype), self.lora_magnitude_vector, norm)
-        bias = self.bias
-        return result if bias is None else result + bias.to(result.dtype)
-
-    def _forward_dora_stacked(self, x: torch.Tensor) -> torch.Tensor:
-        """DoRA on another named adapter: it decomposes the weight that adapter gives (W + its update),
-        whose product with ``x`` the layer below computes, gradients to its adapter included. Its
-        magnitude starts at the norm of the base weight alone (as peft's), so the adapter is an
-        identity when it is the only active one."""
-        bias = self.bias
-        below = self.base_layer(x)  # (..., out): W' x + b
-        base = below if bias is None else below - bias.to(below.dtype)
-        with torch.no_grad():
-            norm = (self.weight_below() + self.delta_weight()).float().norm(dim=1)  # (out,)
-        result = _DoRAScale.apply(base + self._lora(x).to(base.dtype), self.lora_magnitude_vector, norm)
-        return result if bias is None else result + bias.to(result.dtype)
-
-
-class LoRAEmbedding(_LoRABase):
-    """LoRA on an ``nn.Embedding``: ``E[ids] + s · (A^T[ids]) B^T``. No dropout on token ids (as peft)."""
-
-    def __init__(
-        self,
-        base_layer: nn.Embedding,
-        r: int,
-        lora_alpha: float,
-        use_rslora: bool = False,
-        init_lora_weights: InitLoRA = True,
-    ) -> None:
-        super().__init__()
-        self._setup(base_layer, r, lora_alpha, use_rslora, init_lora_weights)
-        num_embeddings, embedding_dim = base_layer.weight.shape
-        kwargs = {"device": base_layer.weight.device, "dtype": _adapter_dtype(base_layer.weight)}
-        self.lora_embedding_A = nn.Parameter(torch.empty(r, num_embeddings, **kwargs))
-        self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, **kwargs))
-        _init_pair(self.lora_embedding_A, self.lora_embedding_B, init_lora_weights, r, a_is_zero=True)
-
-    def adapter_pair(self) -> tuple[nn.Parameter, nn.Parameter]:
-        return self.lora_embedding_A, self.lora_embedding_B
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling  # (num_embeddings, dim)
-
-    def base_weight(self) -> torch.Tensor:
-        return self.inner_layer().weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(ids)  # (..., dim)
-        if self.merged or not self.enabled:
-            return result
-        after_a = F.embedding(
-            ids, self.lora_embedding_A.T, padding_idx=self.inner_layer().padding_idx
-        )  # (..., r)
-        return result + (after_a @ (self.lora_embedding_B * self.scaling).T).to(result.dtype)
-
-
-class LoRAConv2d(_LoRABase):
-    """LoRA on an ``nn.Conv2d``: ``A`` is a conv with the base kernel and ``r`` outputs, ``B`` a 1x1 conv."""
-
-    def __init__(
-        self,
-        base_layer: nn.Conv2d,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        init_lora_weights: InitLoRA = True,
-    ) -> None:
-        super().__init__()
-        self._setup(base_layer, r, lora_alpha, use_rslora, init_lora_weights)
-        weight = base_layer.weight  # (out, in, kh, kw)
-        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
-        self.lora_A = nn.Parameter(torch.empty(r, *weight.shape[1:], **kwargs))
-        self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r, 1, 1, **kwargs))
-        _init_pair(self.lora_A, self.lora_B, init_lora_weights, r)
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        if use_dora:
-            with torch.no_grad():
-                norm = weight.float().flatten(1).norm(dim=1).to(kwargs["dtype"])
-            self.lora_magnitude_vector = nn.Parameter(norm)
-            self.forward = self._forward_dora
-
-    def delta_weight(self) -> torch.Tensor:
-        product = self.lora_B.flatten(1) @ self.lora_A.flatten(1)  # (out, in * kh * kw)
-        return product.view(self.weight.shape) * self.scaling
-
-    def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.inner_layer()
-        hidden = F.conv2d(
-            self.lora_dropout(x.to(self.lora_A.dtype)),
-            self.lora_A,
-            None,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-        )
-        return F.conv2d(hidden, self.lora_B * self.scaling)  # (N, out, H', W')
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.merged or not self.enabled:
-            return result
-        return result + self._lora(x).to(result.dtype)
-
-    def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled:
-            return self.base_layer(x)
-        conv = self.inner_layer()
-        if isinstance(self.base_layer, _LoRABase):  # on another adapter: the weight it gives, applied by it
-            below = self.base_layer(x)
-            base = below if conv.bias is None else below - conv.bias.view(1, -1, 1, 1)
-        else:
-            base = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
-        gain = self._dora_gain().to(base.dtype).view(1, -1, 1, 1)
-        result = gain * (base + self._lora(x).to(base.dtype))
-        return result if conv.bias is None else result + conv.bias.view(1, -1, 1, 1)
-
-
-LORA_LAYERS = (LoRALinear, LoRAEmbedding, LoRAConv2d)
-
-
-def _adapter_name(module: nn.Module) -> str:
+def adapter_name_of(module: nn.Module) -> str:
     return getattr(module, "adapter_name", "default")

@@ -234,6 +234,21 @@ def inner_layer(module: nn.Module) -> nn.Module:
     return module
 
 
+def read_through(layer_cls: type[nn.Module], names: Sequence[str]) -> None:
+    """Give the adapter class ``layer_cls`` read-only attributes ``names`` that return the original
+    layer's (below every ``base_layer`` link): models read them off their layers (Whisper reads its
+    convolutions' ``stride``), and an adapted layer must still answer."""
+
+    def reader(name: str) -> property:
+        def read(self: nn.Module) -> Any:
+            return getattr(inner_layer(self), name)
+
+        return property(read, doc=f"The wrapped layer's ``{name}``.")
+
+    for name in names:
+        setattr(layer_cls, name, reader(name))
+
+
 def find_targets(
     model: nn.Module,
     *,

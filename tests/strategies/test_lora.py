@@ -236,9 +236,9 @@ def test_dora_magnitude_starts_at_the_row_norms_of_the_base_weight() -> None:
     assert torch.equal(layer.lora_magnitude_vector.detach(), expected.detach())
 
 
-def test_dora_rejects_embeddings() -> None:
-    with pytest.raises(ValueError, match="Embedding"):
-        LoRA(target_modules=["0"], use_dora=True).apply(nn.Sequential(nn.Embedding(10, 4)))
+def test_dora_rejects_grouped_convolutions_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="use_dora needs groups=1"):
+        LoRA(r=4, target_modules=["0"], use_dora=True).apply(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
 
 
 # ---------------------------------------------------------------------------------- against peft itself

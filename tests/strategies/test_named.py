@@ -193,16 +193,24 @@ def test_a_second_named_adapter_on_an_embedding_adds_its_update(token_ids) -> No
     set_active_adapters(model, ["a", "b"])
     outer = model.model.embed_tokens
     assert isinstance(outer, LoRAEmbedding) and isinstance(outer.base_layer, LoRAEmbedding)
-    weight = outer.inner_layer().weight + outer.delta_weight() + outer.base_layer.delta_weight()
+    # delta_weight() is (out, in) = (dim, vocab), the transpose of the stored table
+    weight = outer.inner_layer().weight + (outer.delta_weight() + outer.base_layer.delta_weight()).T
     with torch.no_grad():
         torch.testing.assert_close(outer(token_ids), F.embedding(token_ids, weight), atol=1e-5, rtol=0)
 
 
-def test_a_dora_adapter_on_an_embedding_is_refused_below_another_adapter_too() -> None:
+def test_a_dora_adapter_on_an_embedding_adapter_decomposes_the_table_that_adapter_gives(token_ids) -> None:
     model = tiny_llama()
-    add_adapter(model, "a", LoRA(r=2, target_modules=["embed_tokens"]))
-    with pytest.raises(ValueError, match="is an Embedding; use_dora supports"):
-        add_adapter(model, "b", LoRA(r=2, target_modules=["embed_tokens"], use_dora=True))
+    targets = ["embed_tokens"]
+    add_adapter(model, "a", LoRA(r=2, target_modules=targets, init_lora_weights=False))
+    add_adapter(model, "b", LoRA(r=2, target_modules=targets, use_dora=True, init_lora_weights=False))
+    set_active_adapters(model, ["a", "b"])
+    outer = model.model.embed_tokens
+    with torch.no_grad():
+        # by hand in the (dim, vocab) orientation: a column of the table per token, one norm per dim
+        below = outer.inner_layer().weight.T + outer.base_layer.delta_weight()
+        expected = _dora_of(below, outer).T  # back to the stored (vocab, dim) table
+        torch.testing.assert_close(outer(token_ids), F.embedding(token_ids, expected), atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------- what trains

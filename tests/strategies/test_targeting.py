@@ -236,10 +236,10 @@ def test_target_modules_of_the_wrong_type_is_rejected_at_construction() -> None:
         LoRA(target_modules=5)
 
 
-def test_grouped_conv2d_is_refused() -> None:
+def test_grouped_conv2d_needs_a_rank_that_is_a_multiple_of_its_groups() -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="groups=1"):
-        LoRA(target_modules=["0"]).apply(model)
+    with pytest.raises(ValueError, match="groups=2: r must be a multiple of it, got r=3"):
+        LoRA(r=3, target_modules=["0"]).apply(model)
 
 
 def test_adapted_layer_replaces_the_module_at_its_path() -> None:
