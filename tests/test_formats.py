@@ -319,10 +319,10 @@ def test_load_adapter_names_missing_tensors(tmp_path):
 
 def test_load_adapter_refuses_methods_it_cannot_build(tmp_path):
     theirs = peft.get_peft_model(
-        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2})
+        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], layer_replication=[(0, 2), (1, 2)])
     )
     theirs.save_pretrained(str(tmp_path / "adapter"))
-    with pytest.raises(ValueError, match="not supported: rank_pattern"):
+    with pytest.raises(ValueError, match="not supported: layer_replication"):
         load_adapter(tiny_llama(), tmp_path / "adapter")
 
 

@@ -27,9 +27,15 @@ from lightning_peft.formats.files import (
     write_json,
     write_safetensors,
 )
-from lightning_peft.formats.source import AdapterSource, source_from_checkpoint, source_from_module
+from lightning_peft.formats.source import (
+    AdapterSource,
+    source_from_checkpoint,
+    source_from_module,
+    with_plain_lora,
+)
 from lightning_peft.strategies.base import APPLIED_ATTR, PEFTLayer, PEFTStrategy
 from lightning_peft.strategies.ia3 import IA3
+from lightning_peft.strategies.lora import LoRA
 from lightning_peft.strategies.named import (
     adapter_state_dict,
     add_adapter,
@@ -196,6 +202,9 @@ def _hf_model(model: nn.Module, root: str | None) -> tuple[str, nn.Module] | Non
 
 
 def _peft_files(adapter: AdapterSource, facts: dict[str, Any]) -> tuple[dict, dict]:
+    method, _ = hf.peft_method(adapter.strategy)
+    if isinstance(method, LoRA):
+        adapter = with_plain_lora(adapter, method)
     method, extra_saved = hf.peft_method(adapter.strategy)
     root = facts.get("root")
     if adapter.whole_lightning_module and root is None:

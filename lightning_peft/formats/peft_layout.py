@@ -10,6 +10,8 @@ ours (relative to the adapted model)  peft
 ``<m>.lora_embedding_A`` / ``_B``     the same (parameters in peft too: no ``.weight``)
 ``<m>.lora_magnitude_vector``         the same; Conv2d DoRA as ``(1, out, 1, 1)``
 ``<m>.ia3_l``                         the same
+``<m>.lora_B_bias`` (``lora_bias``)    ``<m>.lora_B.bias``
+``<m>.trainable_tokens_delta``        ``<m>.token_adapter.trainable_tokens_delta``
 ``<m>.trained.<t>`` (modules_to_save) ``<m>.<t>``: the module's own key
 ``prompt_encoder.prompt_embeddings``  ``prompt_embeddings`` (no prefix)
 ``prefix_encoder.prefix`` (or MLP)    ``prompt_embeddings``: the computed prefix
@@ -45,6 +47,11 @@ TASK_HEADS = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 _SUFFIXED = ("lora_A", "lora_B")  # nn.Linear / nn.Conv2d submodules in peft: their tensor is ".weight"
+# our parameter leaf -> peft's key ending, for tensors that peft keeps one module deeper
+_RENAMED_LEAVES = {
+    "lora_B_bias": "lora_B.bias",
+    "trainable_tokens_delta": "token_adapter.trainable_tokens_delta",
+}
 _PROMPT_TENSORS = (f"{PROMPT_ATTR}.prompt_embeddings", f"{PREFIX_ATTR}.prefix")
 _PREFIX_MLP = f"{PREFIX_ATTR}.prefix_embeddings"
 # Hugging Face class name endings -> peft task type (what picks PeftModelForCausalLM & co.)
@@ -107,9 +114,11 @@ def peft_name(name: str, method: PEFTStrategy) -> str:
     """Our tensor name (relative to the adapted model) -> peft's, without the ``base_model`` prefix."""
     if any(name == t or name.endswith("." + t) for t in _PROMPT_TENSORS):
         return "prompt_embeddings"
-    leaf = name.rpartition(".")[2]
+    module, _, leaf = name.rpartition(".")
     if leaf in _SUFFIXED:
         return f"{name}.weight"
+    if leaf in _RENAMED_LEAVES:
+        return f"{module}.{_RENAMED_LEAVES[leaf]}" if module else _RENAMED_LEAVES[leaf]
     head, found, rest = name.partition(".trained.")
     if found and matches(head, getattr(method, "modules_to_save", None)):
         return f"{head}.{rest}"
@@ -184,16 +193,7 @@ def peft_config(
         "modules_to_save": modules_to_save or None,
     }
     if isinstance(method, LoRA):
-        config |= {
-            "peft_type": "LORA",
-            "r": method.r,
-            "lora_alpha": _number(method.lora_alpha),
-            "lora_dropout": method.lora_dropout,
-            "target_modules": targets,
-            "bias": method.bias,
-            "fan_in_fan_out": bool(facts.get("fan_in_fan_out", False)),
-        }
-        config |= {key: True for key in ("use_rslora", "use_dora") if getattr(method, key)}
+        config |= lora_config(method, targets, bool(facts.get("fan_in_fan_out", False)))
     elif isinstance(method, IA3):
         config |= {
             "peft_type": "IA3",
@@ -217,6 +217,29 @@ def peft_config(
             config |= {"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM"}
         else:
             config |= {"peft_type": "PREFIX_TUNING", "prefix_projection": False}
+    return config
+
+
+def lora_config(method: LoRA, targets: list[str], fan_in_fan_out: bool) -> dict[str, Any]:
+    """The LoRA keys of adapter_config.json; the optional ones only when they differ from peft's default."""
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "r": method.r,
+        "lora_alpha": _number(method.lora_alpha),
+        "lora_dropout": method.lora_dropout,
+        "target_modules": targets,
+        "bias": method.bias,
+        "fan_in_fan_out": fan_in_fan_out,
+    }
+    config |= {key: True for key in ("use_rslora", "use_dora", "lora_bias") if getattr(method, key)}
+    if method.init_lora_weights is not True:
+        config["init_lora_weights"] = method.init_lora_weights
+    if method.rank_pattern:
+        config["rank_pattern"] = dict(method.rank_pattern)
+    if method.alpha_pattern:
+        config["alpha_pattern"] = {k: _number(v) for k, v in method.alpha_pattern.items()}
+    if method.trainable_token_indices is not None:
+        config["trainable_token_indices"] = method.trainable_token_indices
     return config
 
 
@@ -273,6 +296,42 @@ def strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrate
         raise ValueError(f"{source}: {CONFIG_FILE} has invalid values: {err}") from err
 
 
+# peft settings we cannot build, with the reason the README gives; each is refused naming its field
+UNSUPPORTED_LORA_FIELDS = {
+    "target_parameters": "LoRA on nn.Parameter weights (mixture-of-experts tensors) is not implemented",
+    "use_qalora": "QA-LoRA pools inputs per quantization group: a different layer",
+    "layer_replication": "copies transformer blocks while loading: the model's structure changes",
+    "alora_invocation_tokens": "activated LoRA switches on per token after an invocation sequence",
+    "megatron_config": "Megatron tensor-parallel layers",
+    "velora_config": "VeLoRA compresses activations with its own autograd",
+    "monteclora_config": "MonteCLoRA samples its adapters at every step",
+    "use_bdlora": "BD-LoRA shares block-diagonal factors across devices (an A- or B-only adapter)",
+    "kasa_config": "KaSA adds singular-value parameters and their own loss",
+    "arrow_config": "Arrow routes between several adapters per token",
+}
+# init_lora_weights values that rewrite the base and that we build again exactly (besides True, False, "gaussian")
+_INITS = ("pissa", "olora")
+
+
+def unsupported_settings(config: dict[str, Any]) -> list[str]:
+    """``field=value (reason)`` for each setting of a LoRA ``config`` that we cannot build."""
+    found = [
+        f"{key}={config[key]!r} ({reason})"
+        for key, reason in UNSUPPORTED_LORA_FIELDS.items()
+        if config.get(key) not in (None, False, [], {})
+    ]
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        found.append(
+            f"init_lora_weights={init!r} (its randomised SVD cannot be repeated: save it from peft with "
+            "path_initial_model_for_weight_conversion, which writes a plain LoRA)"
+        )
+    elif init not in (True, False, "gaussian", *_INITS):
+        # EVA, CorDA, LoRA-GA, LoftQ & co. need data, gradients or a quantizer to rebuild their start
+        found.append(f"init_lora_weights={init!r} (not implemented; see the README)")
+    return found
+
+
 def _strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrategy:
     kind = config.get("peft_type")
     if kind not in SUPPORTED_TYPES:
@@ -280,40 +339,15 @@ def _strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrat
             f"{source}: peft_type {kind!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}"
         )
     saved = list(dict.fromkeys(config.get("modules_to_save") or [])) or None
-    unsupported = [
-        f"{key}={config[key]!r}"
-        for key in (
-            "rank_pattern",
-            "alpha_pattern",
-            "use_qalora",
-            "lora_bias",
-            "trainable_token_indices",
-            "target_parameters",
-            "layer_replication",
-        )
-        if config.get(key)
-    ]
-    if kind == "LORA" and config.get("init_lora_weights", True) not in (True, False, "gaussian"):
-        # PiSSA, OLoRA, LoftQ & co. also rewrite the base weights when peft loads them
-        unsupported.append(f"init_lora_weights={config['init_lora_weights']!r}")
+    unsupported = unsupported_settings(config) if kind == "LORA" else []
+    if kind != "LORA":
+        unsupported = [f"{k}={config[k]!r}" for k in ("trainable_token_indices",) if config.get(k)]
     if (config.get("num_transformer_submodules") or 1) != 1:
         unsupported.append("num_transformer_submodules=2 (encoder-decoder prompts)")
     if unsupported:
         raise ValueError(f"{source}: these peft settings are not supported: {', '.join(unsupported)}")
     if kind == "LORA":
-        return LoRA(
-            r=config["r"],
-            lora_alpha=config.get("lora_alpha", 8),
-            lora_dropout=config.get("lora_dropout", 0.0),
-            target_modules=_spec(config.get("target_modules")),
-            exclude_modules=_spec(config.get("exclude_modules")),
-            layers_to_transform=config.get("layers_to_transform"),
-            layers_pattern=config.get("layers_pattern"),
-            modules_to_save=saved,
-            bias=config.get("bias", "none"),
-            use_rslora=bool(config.get("use_rslora", False)),
-            use_dora=bool(config.get("use_dora", False)),
-        )
+        return _lora_from_peft(config, saved)
     if kind == "IA3":
         return IA3(
             target_modules=_spec(config.get("target_modules")),
@@ -326,6 +360,27 @@ def _strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrat
         num_virtual_tokens=config["num_virtual_tokens"]
     )
     return Compose([method, Freeze(trainable_modules=saved)]) if saved else method
+
+
+def _lora_from_peft(config: dict[str, Any], saved: list[str] | None) -> LoRA:
+    return LoRA(
+        r=config["r"],
+        lora_alpha=config.get("lora_alpha", 8),
+        lora_dropout=config.get("lora_dropout", 0.0),
+        target_modules=_spec(config.get("target_modules")),
+        exclude_modules=_spec(config.get("exclude_modules")),
+        layers_to_transform=config.get("layers_to_transform"),
+        layers_pattern=config.get("layers_pattern"),
+        modules_to_save=saved,
+        bias=config.get("bias", "none"),
+        use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=bool(config.get("use_dora", False)),
+        init_lora_weights=config.get("init_lora_weights", True),
+        rank_pattern=config.get("rank_pattern") or None,
+        alpha_pattern=config.get("alpha_pattern") or None,
+        lora_bias=bool(config.get("lora_bias", False)),
+        trainable_token_indices=config.get("trainable_token_indices"),
+    )
 
 
 def _spec(value: Any) -> str | list[str] | None:

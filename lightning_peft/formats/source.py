@@ -8,6 +8,7 @@ model adapted with ``strategy.apply``, one rebuilt from its adapter layers.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 
 from lightning_peft.formats.checkpoints import CHECKPOINT_KEY, checkpoint_entry, load_checkpoint_file
 from lightning_peft.formats.checks import check_sizes, strategy_from_record
+from lightning_peft.formats.peft_layout import NotInPeftFormat
 from lightning_peft.strategies.base import (
     APPLIED_ATTR,
     DEFAULT_ADAPTER,
@@ -31,6 +33,7 @@ from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.freeze import Freeze
 from lightning_peft.strategies.ia3 import IA3, IA3Linear
 from lightning_peft.strategies.lora import LORA_LAYERS, LoRA, LoRAEmbedding
+from lightning_peft.strategies.lora_init import WEIGHT_INITS, plain_lora_pair, rewrites_base
 from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.named import adapter_names, adapter_state_dict, canonical_name
 from lightning_peft.strategies.prompt import PrefixEncoder, PrefixTuning, PromptEncoder, PromptTuning
@@ -258,3 +261,46 @@ def _with_extra_trainables(strategy: PEFTStrategy, model: nn.Module, adapter_nam
         return strategy
     owners = sorted({canonical_name(n.rpartition(".")[0]) for n in extra})
     return Compose([strategy, Freeze(trainable_modules=owners)])
+
+
+def with_plain_lora(adapter: AdapterSource, method: LoRA) -> AdapterSource:
+    """The adapter as a plain LoRA on the original base weights, when ``method`` started from them
+    (PiSSA, OLoRA; see ``lora_init.py``): each layer's ``(A, B)`` becomes the rank-``2r`` pair
+    ``([A; A₀], [B, -B₀])`` and the config doubles ``r`` and ``lora_alpha`` (``√2`` with rsLoRA), so
+    the scaling stays. Other adapters come back as they are.
+
+    A checkpoint holds no ``A₀``/``B₀``: ``"pissa"`` and ``"olora"`` stay as they are (peft computes the
+    same start from the base model when it loads them); ``"pissa_niter_<k>"`` draws at random, so it
+    raises :class:`~lightning_peft.formats.peft_layout.NotInPeftFormat`.
+    """
+    if not rewrites_base(method.init_lora_weights):
+        return adapter
+    if adapter.model is None:
+        if method.init_lora_weights in WEIGHT_INITS:
+            return adapter
+        raise NotInPeftFormat(
+            f"init_lora_weights={method.init_lora_weights!r} starts from a randomised SVD that peft cannot "
+            "repeat, and a checkpoint does not hold that start; export from the adapted module instead"
+        )
+    tensors = dict(adapter.tensors)
+    for path, layer in adapter.model.named_modules():
+        if hasattr(layer, "lora_A_initial") and f"{clean_name(path)}.lora_A" in tensors:
+            a, b = plain_lora_pair(layer)
+            tensors[f"{clean_name(path)}.lora_A"], tensors[f"{clean_name(path)}.lora_B"] = a.cpu(), b.cpu()
+    factor = 2**0.5 if method.use_rslora else 2.0
+    plain = dataclasses.replace(
+        method,
+        r=2 * method.r,
+        lora_alpha=method.lora_alpha * factor,
+        rank_pattern={k: 2 * v for k, v in method.rank_pattern.items()} if method.rank_pattern else None,
+        alpha_pattern={k: v * factor for k, v in method.alpha_pattern.items()}
+        if method.alpha_pattern
+        else None,
+        init_lora_weights=True,
+    )
+    strategy = adapter.strategy
+    if isinstance(strategy, Compose):
+        strategy = Compose([plain if s is method else s for s in strategy.strategies])
+    else:
+        strategy = plain
+    return dataclasses.replace(adapter, strategy=strategy, tensors=tensors)

@@ -6,12 +6,15 @@ fast paths.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
 
 from lightning_peft.strategies.base import PEFTStrategy, plain_lists
+from lightning_peft.strategies.lora_init import initialise_from_base, rewrites_base
 from lightning_peft.strategies.lora_layers import (
     LORA_LAYERS,
     InitLoRA,
@@ -34,6 +37,11 @@ from lightning_peft.strategies.targeting import (
     model_type,
     replace_module,
     validation_error,
+)
+from lightning_peft.strategies.trainable_tokens import (
+    add_trainable_tokens,
+    token_index_problems,
+    token_targets,
 )
 
 __all__ = [
@@ -82,8 +90,18 @@ class LoRA(PEFTStrategy):
         bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted layers).
         use_rslora: rank-stabilised scaling.
         use_dora: weight-decomposed LoRA (linear and conv layers).
-        init_lora_weights: ``True`` (B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), or ``False``
-            (both random: not an identity, for tests).
+        init_lora_weights: ``True`` (B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``False``
+            (both random: not an identity, for tests), or one that starts from the base weight and
+            rewrites it (``nn.Linear`` layers): ``"pissa"``, ``"pissa_niter_<k>"`` or ``"olora"``
+            (see ``lora_init.py``; an export turns such an adapter into a plain LoRA of rank ``2r``).
+        rank_pattern: per-module ranks, ``{pattern: r}``; a module takes the first pattern that
+            matches the end of its name as a regex (peft's rule: ``(.*\.)?pattern$``), else ``r``.
+        alpha_pattern: per-module ``lora_alpha`` in the same way.
+        lora_bias: ``B`` gets a trainable bias too (linear and convolution layers; not with DoRA).
+            Merging adds it to the base layer's bias, so that layer must have one.
+        trainable_token_indices: rows of the input embedding that train whole (new special tokens),
+            the rest stays frozen: a list of token ids for the model's input embedding, or
+            ``{module name: ids}``. The embedding's weight must not be tied to an output head.
         share_dropout_mask: with ``lora_dropout``, layers that read the same tensor (q, k and v; gate
             and up) use one mask instead of one each. It trades the method's semantics for speed and
             memory: one draw instead of three, and backward keeps one packed mask per input instead
@@ -110,9 +128,23 @@ class LoRA(PEFTStrategy):
     use_dora: bool = False
     init_lora_weights: bool | Literal["gaussian"] = True
     share_dropout_mask: bool = False
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         plain_lists(self)
+        for name in ("rank_pattern", "alpha_pattern", "trainable_token_indices"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):  # Hydra passes a DictConfig
+                setattr(
+                    self,
+                    name,
+                    {str(k): list(v) if isinstance(v, list | tuple) else v for k, v in value.items()},
+                )
+        if isinstance(self.trainable_token_indices, dict):
+            self.trainable_token_indices = {k: list(v) for k, v in self.trainable_token_indices.items()}
         validation_error(type(self).__name__, self._problems())
 
     def _problems(self) -> list[str]:
@@ -130,10 +162,14 @@ class LoRA(PEFTStrategy):
             check_spec(name, getattr(self, name), problems)
         if self.bias not in ("none", "all", "lora_only"):
             problems.append(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, "gaussian") and not rewrites_base(
+            self.init_lora_weights
+        ):
             problems.append(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+                "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora', "
+                f"got {self.init_lora_weights!r}"
             )
+        problems += self._new_field_problems()
         if not isinstance(self.share_dropout_mask, bool):
             problems.append(f"share_dropout_mask must be True or False, got {self.share_dropout_mask!r}")
         layers = self.layers_to_transform
@@ -142,6 +178,40 @@ class LoRA(PEFTStrategy):
         ):
             problems.append(f"layers_to_transform must be an int or a list of ints, got {layers!r}")
         return problems
+
+    def _new_field_problems(self) -> list[str]:
+        problems = []
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", int | float)):
+            pattern = getattr(self, name)
+            if pattern is None:
+                continue
+            if not isinstance(pattern, dict):
+                problems.append(f"{name} must be a dict {{module pattern: value}}, got {pattern!r}")
+                continue
+            for key, value in pattern.items():
+                if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+                    problems.append(
+                        f"{name}[{key!r}] must be a positive {kind.__name__ if kind is int else 'number'}, got {value!r}"
+                    )
+                try:
+                    re.compile(key)
+                except re.error as err:
+                    problems.append(f"{name} key {key!r} is not a valid regex: {err}")
+        if not isinstance(self.lora_bias, bool):
+            problems.append(f"lora_bias must be True or False, got {self.lora_bias!r}")
+        elif self.lora_bias and (self.use_dora or self.init_lora_weights not in (True, False)):
+            problems.append(
+                "lora_bias=True needs use_dora=False and init_lora_weights True or False (as in peft)"
+            )
+        problems += token_index_problems(self.trainable_token_indices)
+        return problems
+
+    def layer_settings(self, name: str) -> tuple[int, float]:
+        """``(r, lora_alpha)`` of the module ``name``: from ``rank_pattern``/``alpha_pattern``, else the defaults."""
+        return (
+            pattern_value(self.rank_pattern, name, self.r),
+            pattern_value(self.alpha_pattern, name, self.lora_alpha),
+        )
 
     def _checked_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The modules to adapt; raises before anything changes if the config does not fit ``model``."""
@@ -169,35 +239,61 @@ class LoRA(PEFTStrategy):
                 problems.append(f"{name!r} is an Embedding; use_dora supports Linear, Conv1D and Conv2d")
             elif isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
                 problems.append(f"{name!r}: LoRA supports Conv2d with groups=1 and padding_mode='zeros'")
+            elif self.lora_bias and isinstance(module, nn.Embedding):
+                problems.append(
+                    f"{name!r} is an Embedding; lora_bias supports Linear, Conv1D and Conv2d (as peft)"
+                )
+            elif rewrites_base(self.init_lora_weights) and (
+                type(module) is not nn.Linear or not module.weight.is_floating_point()
+            ):
+                problems.append(
+                    f"{name!r} is a {type(module).__name__}; init_lora_weights={self.init_lora_weights!r} "
+                    "rewrites dense nn.Linear weights only"
+                )
         validation_error(owner, problems)
         return targets
 
     def inject(self, model: nn.Module) -> None:
         # everything is checked before the model is touched: a bad config leaves it as it was
         targets = self._checked_targets(model)
+        tokens = token_targets(model, self.trainable_token_indices, self.modules_to_save, type(self).__name__)
+        both = sorted({n for n, _ in targets} & {n for n, _, _ in tokens})
+        validation_error(
+            type(self).__name__, [f"{n!r} is a LoRA target and in trainable_token_indices" for n in both]
+        )
         wrap_modules_to_save(model, self.modules_to_save, type(self).__name__)
-        common = {"r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora}
-        common["init_lora_weights"] = self.init_lora_weights
         kept = DORA_KEPT_OUTPUTS.get(model_type(model) or "") if self.use_dora else None
         kept_names = sorted(kept) if kept is not None else None
         for name, module in targets:
-            # the layer's kind is that of the original layer, also below other named adapters
-            layer = inner_layer(module)
-            if isinstance(layer, nn.Embedding):
-                new: nn.Module = LoRAEmbedding(module, **common)
-            elif isinstance(layer, nn.Conv2d):
-                new = LoRAConv2d(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
-            else:
-                new = LoRALinear(
-                    module,
-                    lora_dropout=self.lora_dropout,
-                    use_dora=self.use_dora,
-                    share_dropout_mask=self.share_dropout_mask,
-                    **common,
-                )
-                if kept_names is not None:
-                    new.dora_saves_output = matches(name, kept_names)
+            new = self._lora_layer(name, module)
+            if kept_names is not None and isinstance(new, LoRALinear):
+                new.dora_saves_output = matches(name, kept_names)
+            if self.lora_bias:
+                new.add_lora_bias()
+            if rewrites_base(self.init_lora_weights):
+                initialise_from_base(new, self.init_lora_weights)
             replace_module(model, name, new)
+        add_trainable_tokens(model, tokens)
+
+    def _lora_layer(self, name: str, module: nn.Module) -> nn.Module:
+        """The LoRA layer around ``module``, with that module's rank and alpha."""
+        r, alpha = self.layer_settings(name)
+        # a base-rewriting init starts from B = 0 here; initialise_from_base sets A and B afterwards
+        init = True if rewrites_base(self.init_lora_weights) else self.init_lora_weights
+        common = {"r": r, "lora_alpha": alpha, "use_rslora": self.use_rslora, "init_lora_weights": init}
+        # the layer's kind is that of the original layer, also below other named adapters
+        layer = inner_layer(module)
+        if isinstance(layer, nn.Embedding):
+            return LoRAEmbedding(module, **common)
+        if isinstance(layer, nn.Conv2d):
+            return LoRAConv2d(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
+        return LoRALinear(
+            module,
+            lora_dropout=self.lora_dropout,
+            use_dora=self.use_dora,
+            share_dropout_mask=self.share_dropout_mask,
+            **common,
+        )
 
     def extra_trainable(self, model: nn.Module) -> set[str]:
         if self.bias == "lora_only":
@@ -216,3 +312,12 @@ class LoRA(PEFTStrategy):
                 if name.rsplit(".", 1)[-1] == "bias" and not any(name.startswith(c) for c in frozen_copies)
             }
         return set()
+
+
+def pattern_value(pattern: dict[str, float] | None, name: str, default: float) -> float:
+    """The value of the first key of ``pattern`` that matches the end of module ``name`` as a regex
+    (a whole dotted part onwards, as peft matches ``rank_pattern``), else ``default``."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
