@@ -1,0 +1,284 @@
+"""LoRA's peft fields (``lora_bias``, ``rank_pattern``/``alpha_pattern``, ``trainable_token_indices``),
+each checked both ways against peft 0.21 on small models of each layer type, trained through the PEFT
+callback and resumed; and the peft settings that stay unsupported, refused naming the field."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import peft
+import pytest
+import torch
+from conftest import VOCAB, cnn, tiny_gpt2, tiny_llama
+from peft.tuners.lora import config as peft_lora_config
+from torch import nn
+
+from lightning_peft import PEFT, LoRA, export_adapter, load_adapter
+from lightning_peft.strategies.trainable_tokens import TrainableTokens
+
+Build = Callable[[], nn.Module]
+TOKENS = [5, 3, 7]
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    warnings.simplefilter("ignore")  # peft and transformers warn about tiny random models
+
+
+def perturb(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Move every trainable tensor away from its start, so that outputs tell whether it was carried."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            return model(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+        ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+        ids[:, :3] = torch.tensor(TOKENS)  # the trainable tokens are read
+        return model(input_ids=ids).logits
+
+
+# each case: (base model, the config fields, given alike to LoRA and to peft's LoraConfig)
+CASES: dict[str, tuple[Build, dict]] = {
+    "lora_bias-linear": (tiny_llama, {"target_modules": ["q_proj", "down_proj"], "lora_bias": True}),
+    "lora_bias-conv1d": (tiny_gpt2, {"target_modules": ["c_attn", "c_fc"], "lora_bias": True}),
+    "lora_bias-conv2d": (cnn, {"target_modules": ["0", "2"], "lora_bias": True}),
+    "patterns-linear-embedding": (
+        tiny_llama,
+        {
+            "target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
+            "rank_pattern": {"v_proj": 2, "layers.1.self_attn.q_proj": 6, "embed_tokens": 3},
+            "alpha_pattern": {"down_proj": 3, "embed_tokens": 5},
+        },
+    ),
+    "patterns-conv1d": (
+        tiny_gpt2,
+        {
+            "target_modules": ["c_attn", "c_proj"],
+            "rank_pattern": {"h.0.attn.c_attn": 2},
+            "alpha_pattern": {"c_proj": 2},
+        },
+    ),
+    "patterns-conv2d": (
+        cnn,
+        {"target_modules": ["0", "2"], "rank_pattern": {"2": 6}, "alpha_pattern": {"0": 1}},
+    ),
+    "trainable_tokens-list": (tiny_llama, {"target_modules": ["q_proj"], "trainable_token_indices": TOKENS}),
+    "trainable_tokens-dict": (
+        tiny_llama,
+        {"target_modules": ["v_proj"], "trainable_token_indices": {"embed_tokens": TOKENS}},
+    ),
+}
+
+
+def _ours(case: str) -> LoRA:
+    return LoRA(r=4, lora_alpha=8, **CASES[case][1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_loads_in_peft_with_equal_outputs(case, tmp_path):
+    build, _ = CASES[case]
+    ours = perturb(_ours(case).apply(build()))
+    export_adapter(ours, tmp_path / "adapter", format="peft")
+    theirs = peft.PeftModel.from_pretrained(build(), str(tmp_path / "adapter"))
+    torch.testing.assert_close(outputs(ours), outputs(theirs), atol=1e-5, rtol=0)
+    assert not torch.equal(outputs(ours), outputs(build())), (
+        "the adapter changes nothing: the test tells nothing"
+    )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_adapter_saved_by_peft_loads_with_equal_outputs(case, tmp_path):
+    build, fields = CASES[case]
+    theirs = perturb(peft.get_peft_model(build(), peft.LoraConfig(r=4, lora_alpha=8, **fields)))
+    theirs.save_pretrained(str(tmp_path / "adapter"))
+    ours = load_adapter(build(), tmp_path / "adapter")
+    torch.testing.assert_close(outputs(ours), outputs(theirs), atol=1e-5, rtol=0)
+
+
+def test_rank_pattern_gives_each_module_its_rank_and_alpha():
+    model = LoRA(r=4, lora_alpha=8, **CASES["patterns-linear-embedding"][1]).apply(tiny_llama())
+    layers = model.model.layers
+    assert layers[0].self_attn.v_proj.r == 2 and layers[1].self_attn.v_proj.r == 2
+    assert layers[0].self_attn.q_proj.r == 4 and layers[1].self_attn.q_proj.r == 6
+    assert layers[0].mlp.down_proj.scaling == pytest.approx(3 / 4)
+    assert model.model.embed_tokens.lora_embedding_A.shape == (3, VOCAB)
+    assert model.model.embed_tokens.scaling == pytest.approx(5 / 3)
+
+
+def test_export_writes_the_patterns_and_fields_as_set(tmp_path):
+    model = perturb(_ours("patterns-linear-embedding").apply(tiny_llama()))
+    export_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"v_proj": 2, "layers.1.self_attn.q_proj": 6, "embed_tokens": 3}
+    assert config["alpha_pattern"] == {"down_proj": 3, "embed_tokens": 5}
+
+
+def test_export_of_an_applied_strategy_keeps_the_fields_the_user_set(tmp_path):
+    model = perturb(LoRA(r=16, lora_alpha=3, use_rslora=True, target_modules=["q_proj"]).apply(tiny_llama()))
+    export_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config.get("use_rslora")) == (16, 3, True)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
+    torch.testing.assert_close(outputs(model), outputs(theirs), atol=1e-5, rtol=0)
+
+
+def test_lora_bias_trains_and_merges_into_the_base_bias():
+    model = perturb(LoRA(r=4, target_modules=["c_attn"], lora_bias=True).apply(tiny_gpt2()))
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.lora_B_bias.requires_grad and layer.lora_B_bias.shape == (96,)
+    before = outputs(model)
+    LoRA().merge(model)
+    torch.testing.assert_close(outputs(model), before, atol=1e-5, rtol=0)
+
+
+def test_lora_bias_refuses_to_merge_into_a_layer_without_bias():
+    model = LoRA(r=4, target_modules=["q_proj"], lora_bias=True).apply(tiny_llama())
+    with pytest.raises(ValueError, match="lora_bias=True but its base layer has no bias"):
+        LoRA().merge(model)
+
+
+def test_trainable_tokens_train_only_the_chosen_rows():
+    model = LoRA(r=4, target_modules=["q_proj"], trainable_token_indices=TOKENS).apply(tiny_llama())
+    embedding = model.model.embed_tokens
+    assert isinstance(embedding, TrainableTokens) and not embedding.base_layer.weight.requires_grad
+    assert embedding.trainable_tokens_delta.shape == (3, 32)
+    ids = torch.tensor([[5, 9, 7]])
+    embedding(ids).sum().backward()
+    assert embedding.trainable_tokens_delta.grad.abs().sum(dim=1).gt(0).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"lora_bias": True, "use_dora": True}, "lora_bias=True needs use_dora=False"),
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive int"),
+        ({"alpha_pattern": {"(": 2}}, "alpha_pattern key '\\(' is not a valid regex"),
+        ({"trainable_token_indices": [3, 3]}, "trainable_token_indices must be a non-empty list of distinct"),
+        ({"init_lora_weights": "eva"}, "init_lora_weights must be True, False, 'gaussian', 'pissa'"),
+    ],
+)
+def test_bad_field_values_are_refused_naming_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        LoRA(r=4, **fields)
+
+
+def test_trainable_tokens_refuse_ids_beyond_the_vocabulary_and_tied_embeddings():
+    with pytest.raises(ValueError, match=f"ids must be below its {VOCAB} rows"):
+        LoRA(target_modules=["q_proj"], trainable_token_indices=[VOCAB]).apply(tiny_llama())
+    tied = tiny_gpt2()  # GPT-2 ties its output head to the input embedding
+    with pytest.raises(ValueError, match="trainable_token_indices: 'transformer.wte' shares its weight"):
+        LoRA(target_modules=["c_attn"], trainable_token_indices=[3]).apply(tied)
+
+
+# ------------------------------------------------------------------------------ refused peft settings
+
+_C = peft_lora_config
+REFUSED = {
+    "kasa_config": lambda: {"kasa_config": _C.KasaConfig()},
+    "velora_config": lambda: {"velora_config": _C.VeloraConfig()},
+    "monteclora_config": lambda: {"monteclora_config": _C.MontecloraConfig()},
+    "use_bdlora": lambda: {
+        "use_bdlora": _C.BdLoraConfig(
+            target_modules_bd_a=["q_proj"], target_modules_bd_b=["o_proj"], nblocks=2
+        )
+    },
+}
+
+
+@pytest.mark.parametrize("field", list(REFUSED))
+def test_adapters_with_unsupported_settings_are_refused_naming_the_field(field, tmp_path):
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"], **REFUSED[field]())
+    )
+    theirs.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match=f"not supported: {field}="):
+        load_adapter(tiny_llama(), tmp_path / "adapter")
+
+
+def test_a_file_with_lora_a_but_no_lora_b_is_refused(tmp_path):
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    theirs.save_pretrained(str(tmp_path / "adapter"))
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v for k, v in load_file(weights).items() if not k.endswith("lora_B.weight")}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="only one of lora_A/lora_B"):
+        load_adapter(tiny_llama(), tmp_path / "adapter")
+
+
+# ------------------------------------------------------------------------ training and resuming
+
+
+class _LM(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama().train()
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=5e-2)
+
+
+def _data() -> torch.utils.data.DataLoader:
+    # a pattern to learn: counting up from the trainable tokens
+    ids = 3 + (torch.arange(12) + torch.arange(8)[:, None] * 5) % (VOCAB - 3)
+    ids[:, :3] = torch.tensor(TOKENS)
+    return torch.utils.data.DataLoader(ids, batch_size=4)
+
+
+def _fit(root: Path, strategy: LoRA, epochs: int, ckpt: Path | None = None) -> tuple[_LM, L.Trainer]:
+    module = _LM()
+    trainer = L.Trainer(
+        default_root_dir=root,
+        max_epochs=epochs,
+        callbacks=[PEFT(strategy, module="model", verbose=False)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    trainer.fit(module, _data(), ckpt_path=ckpt)
+    return module, trainer
+
+
+TRAINED = {
+    "lora_bias": lambda: LoRA(r=4, target_modules=["q_proj", "down_proj"], lora_bias=True),
+    "patterns": lambda: LoRA(
+        r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 16}
+    ),
+    "trainable_tokens": lambda: LoRA(r=4, target_modules=["q_proj"], trainable_token_indices=TOKENS),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINED))
+def test_fields_train_through_the_callback_and_resume_exactly(case, tmp_path):
+    straight, _ = _fit(tmp_path / "a", TRAINED[case](), epochs=6)
+    assert straight.losses[-1] < straight.losses[0] - 0.05, f"the loss did not drop: {straight.losses}"
+    _, first = _fit(tmp_path / "b", TRAINED[case](), epochs=3)
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, _ = _fit(tmp_path / "c", TRAINED[case](), epochs=6, ckpt=tmp_path / "half.ckpt")
+    torch.testing.assert_close(
+        torch.tensor(resumed.losses), torch.tensor(straight.losses[6:]), atol=1e-5, rtol=0
+    )
+    ours = {k: v for k, v in resumed.state_dict().items()}
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=0, msg=name)
