@@ -300,6 +300,7 @@ def test_load_adapter_names_keys_that_do_not_fit(tmp_path):
     weights = tmp_path / "adapter" / "adapter_model.safetensors"
     tensors = adapter_module.read_safetensors(weights)
     tensors["base_model.model.model.layers.0.self_attn.nope.lora_A.weight"] = torch.zeros(4, 32)
+    tensors["base_model.model.model.layers.0.self_attn.nope.lora_B.weight"] = torch.zeros(32, 4)
     adapter_module.write_safetensors(tensors, weights)
     with pytest.raises(ValueError, match=r"do not fit this model: .*self_attn\.nope\.lora_A\.weight"):
         load_adapter(tiny_llama(), tmp_path / "adapter")
