@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.named import adapter_names, adapter_state_dict, canonical_name
 from lightning_peft.strategies.prompt import PrefixEncoder, PrefixTuning, PromptEncoder, PromptTuning
 from lightning_peft.strategies.state import clean_name, trainable_state_dict
+from lightning_peft.strategies.trainable_tokens import TrainableTokens
 
 
 @dataclass
@@ -157,7 +159,10 @@ def infer_strategy(model: nn.Module, adapter_name: str) -> PEFTStrategy:
     layers = [(path, m) for path, m in layers if not isinstance(m, ModuleToSave)]
     kinds = sorted({type(m).__name__ for _, m in layers})
     paths = [path for path, _ in layers]
-    if layers and all(isinstance(m, LORA_LAYERS) for _, m in layers):
+    lora_kinds = (*LORA_LAYERS, TrainableTokens)
+    if any(isinstance(m, LORA_LAYERS) for _, m in layers) and all(
+        isinstance(m, lora_kinds) for _, m in layers
+    ):
         strategy: PEFTStrategy = _lora_from_layers(layers, saved, model)
     elif kinds == ["IA3Linear"]:
         feedforward = [path for path, m in layers if isinstance(m, IA3Linear) and m.is_feedforward]
@@ -185,24 +190,40 @@ def infer_strategy(model: nn.Module, adapter_name: str) -> PEFTStrategy:
 
 
 def _lora_from_layers(layers: list[tuple[str, nn.Module]], saved: list[str] | None, model: nn.Module) -> LoRA:
-    settings = {(m.r, m.scaling, hasattr(m, "lora_magnitude_vector")) for _, m in layers}
+    """The LoRA that builds these layers: the most common rank and alpha, and patterns (exact module
+    names) for the layers that differ. Alpha is read as ``scaling * r``, the same scaling as whatever
+    ``lora_alpha``/``use_rslora`` built it."""
+    tokens = {path: m.token_indices.tolist() for path, m in layers if isinstance(m, TrainableTokens)}
+    layers = [(path, m) for path, m in layers if not isinstance(m, TrainableTokens)]
     # embeddings have no dropout (token ids are not dropped), so only the other layers tell
     dropouts = {getattr(m.lora_dropout, "p", 0.0) for _, m in layers if not isinstance(m, LoRAEmbedding)}
-    if len(settings) > 1 or len(dropouts) > 1:
+    doras = {hasattr(m, "lora_magnitude_vector") for _, m in layers}
+    if len(doras) > 1 or len(dropouts) > 1:
         raise ValueError(
-            "the LoRA layers differ in rank, scaling, DoRA or dropout; export the model from its "
-            "checkpoint, which records its strategies"
+            "the LoRA layers differ in DoRA or dropout; export the model from its checkpoint, which "
+            "records its strategies"
         )
-    ((r, scaling, dora),) = settings
+    ranks = {path: m.r for path, m in layers}
+    alphas = {path: round(m.scaling * m.r, 6) for path, m in layers}
+    r, alpha = _most_common(ranks), _most_common(alphas)
     return LoRA(
         r=r,
-        lora_alpha=round(scaling * r, 6),  # the same scaling as whatever (lora_alpha, use_rslora) built it
+        lora_alpha=alpha,
         lora_dropout=dropouts.pop() if dropouts else 0.0,
         target_modules=[path for path, _ in layers],
         modules_to_save=saved,
-        use_dora=dora,
+        use_dora=doras.pop(),
         bias=_lora_bias(model, [path for path, _ in layers]),
+        rank_pattern={p: v for p, v in ranks.items() if v != r} or None,
+        alpha_pattern={p: v for p, v in alphas.items() if v != alpha} or None,
+        lora_bias=any(hasattr(m, "lora_B_bias") for _, m in layers),
+        trainable_token_indices=tokens or None,
     )
+
+
+def _most_common(values: dict[str, float]) -> float:
+    counts = Counter(values.values())
+    return max(counts, key=lambda v: (counts[v], -list(values.values()).index(v)))
 
 
 def _lora_bias(model: nn.Module, lora_paths: list[str]) -> str:

@@ -18,6 +18,7 @@ from peft.tuners.lora import config as peft_lora_config
 from torch import nn
 
 from lightning_peft import PEFT, LoRA, export_adapter, load_adapter
+from lightning_peft.strategies.base import APPLIED_ATTR
 from lightning_peft.strategies.trainable_tokens import TrainableTokens
 
 Build = Callable[[], nn.Module]
@@ -282,3 +283,23 @@ def test_fields_train_through_the_callback_and_resume_exactly(case, tmp_path):
     ours = {k: v for k, v in resumed.state_dict().items()}
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+def test_export_without_a_record_reads_ranks_bias_and_tokens_from_the_layers(tmp_path):
+    strategy = LoRA(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 3},
+        lora_bias=True,
+        trainable_token_indices=TOKENS,
+    )
+    model = perturb(strategy.apply(tiny_llama()))
+    object.__delattr__(model, APPLIED_ATTR)  # as a model adapted before strategies were recorded
+    export_adapter(model, tmp_path / "a", format="peft")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True and config["trainable_token_indices"] == {"model.embed_tokens": TOKENS}
+    assert set(config["rank_pattern"].values()) == {2}
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
+    torch.testing.assert_close(outputs(model), outputs(theirs), atol=1e-5, rtol=0)
