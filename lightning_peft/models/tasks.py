@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.strategies.loraplus import parameter_groups
+from lightning_peft.strategies.loraplus import loraplus_param_groups
 
 
 def _adamw(module: L.LightningModule) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; with ``loraplus_lr_ratio``, LoRA's B matrices learn that
     many times faster (LoRA+, see ``strategies/loraplus.py``)."""
     hparams = module.hparams
-    groups = parameter_groups(module, hparams.lr, hparams.weight_decay, hparams.get("loraplus_lr_ratio"))
+    groups = loraplus_param_groups(module, hparams.lr, hparams.weight_decay, hparams.get("loraplus_lr_ratio"))
     return torch.optim.AdamW(groups, lr=hparams.lr, weight_decay=hparams.weight_decay)
 
 

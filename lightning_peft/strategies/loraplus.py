@@ -19,7 +19,7 @@ from lightning_peft.strategies.lora_layers import LORA_LAYERS
 B_PARAMETERS = ("lora_B", "lora_embedding_B", "lora_B_bias")
 
 
-def parameter_groups(
+def loraplus_param_groups(
     model: nn.Module, lr: float, weight_decay: float = 0.0, loraplus_lr_ratio: float | None = None
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups for the trainable parameters of ``model``.
@@ -29,7 +29,7 @@ def parameter_groups(
 
     Example::
 
-        optimizer = torch.optim.AdamW(parameter_groups(model, lr=1e-4, loraplus_lr_ratio=16))
+        optimizer = torch.optim.AdamW(loraplus_param_groups(model, lr=1e-4, loraplus_lr_ratio=16))
     """
     if loraplus_lr_ratio is not None and (
         not isinstance(loraplus_lr_ratio, int | float)

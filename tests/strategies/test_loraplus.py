@@ -9,7 +9,7 @@ from conftest import VOCAB, tiny_llama
 
 from lightning_peft import PEFT, LoRA
 from lightning_peft.models.tasks import CausalLM
-from lightning_peft.strategies.loraplus import parameter_groups
+from lightning_peft.strategies.loraplus import loraplus_param_groups
 
 TINY = {
     "model_type": "llama",
@@ -24,18 +24,18 @@ TINY = {
 
 def test_b_matrices_get_ratio_times_the_learning_rate():
     model = LoRA(r=4, target_modules=["q_proj", "embed_tokens"], lora_bias=False).apply(tiny_llama())
-    slow, fast = parameter_groups(model, lr=1e-3, loraplus_lr_ratio=16)
+    slow, fast = loraplus_param_groups(model, lr=1e-3, loraplus_lr_ratio=16)
     assert fast["lr"] == pytest.approx(16e-3) and slow["lr"] == pytest.approx(1e-3)
     b_side = {id(m.lora_B) for m in (layer.self_attn.q_proj for layer in model.model.layers)}
     b_side.add(id(model.model.embed_tokens.lora_embedding_B))
     assert {id(p) for p in fast["params"]} == b_side
     assert len(slow["params"]) == 3  # the A matrices
-    assert len(parameter_groups(model, lr=1e-3)) == 1
+    assert len(loraplus_param_groups(model, lr=1e-3)) == 1
 
 
 def test_a_bad_ratio_is_refused_naming_it():
     with pytest.raises(ValueError, match="loraplus_lr_ratio must be a positive number"):
-        parameter_groups(tiny_llama(), lr=1e-3, loraplus_lr_ratio=0)
+        loraplus_param_groups(tiny_llama(), lr=1e-3, loraplus_lr_ratio=0)
 
 
 def _data() -> torch.utils.data.DataLoader:
