@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightning_peft.formats.peft_lora import lora_config, lora_from_peft, unsupported_settings
 from lightning_peft.strategies.base import PEFTStrategy
 from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.freeze import Freeze
@@ -220,29 +221,6 @@ def peft_config(
     return config
 
 
-def lora_config(method: LoRA, targets: list[str], fan_in_fan_out: bool) -> dict[str, Any]:
-    """The LoRA keys of adapter_config.json; the optional ones only when they differ from peft's default."""
-    config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "r": method.r,
-        "lora_alpha": _number(method.lora_alpha),
-        "lora_dropout": method.lora_dropout,
-        "target_modules": targets,
-        "bias": method.bias,
-        "fan_in_fan_out": fan_in_fan_out,
-    }
-    config |= {key: True for key in ("use_rslora", "use_dora", "lora_bias") if getattr(method, key)}
-    if method.init_lora_weights is not True:
-        config["init_lora_weights"] = method.init_lora_weights
-    if method.rank_pattern:
-        config["rank_pattern"] = dict(method.rank_pattern)
-    if method.alpha_pattern:
-        config["alpha_pattern"] = {k: _number(v) for k, v in method.alpha_pattern.items()}
-    if method.trainable_token_indices is not None:
-        config["trainable_token_indices"] = method.trainable_token_indices
-    return config
-
-
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
@@ -296,42 +274,6 @@ def strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrate
         raise ValueError(f"{source}: {CONFIG_FILE} has invalid values: {err}") from err
 
 
-# peft settings we cannot build, with the reason the README gives; each is refused naming its field
-UNSUPPORTED_LORA_FIELDS = {
-    "target_parameters": "LoRA on nn.Parameter weights (mixture-of-experts tensors) is not implemented",
-    "use_qalora": "QA-LoRA pools inputs per quantization group: a different layer",
-    "layer_replication": "copies transformer blocks while loading: the model's structure changes",
-    "alora_invocation_tokens": "activated LoRA switches on per token after an invocation sequence",
-    "megatron_config": "Megatron tensor-parallel layers",
-    "velora_config": "VeLoRA compresses activations with its own autograd",
-    "monteclora_config": "MonteCLoRA samples its adapters at every step",
-    "use_bdlora": "BD-LoRA shares block-diagonal factors across devices (an A- or B-only adapter)",
-    "kasa_config": "KaSA adds singular-value parameters and their own loss",
-    "arrow_config": "Arrow routes between several adapters per token",
-}
-# init_lora_weights values that rewrite the base and that we build again exactly (besides True, False, "gaussian")
-_INITS = ("pissa", "olora")
-
-
-def unsupported_settings(config: dict[str, Any]) -> list[str]:
-    """``field=value (reason)`` for each setting of a LoRA ``config`` that we cannot build."""
-    found = [
-        f"{key}={config[key]!r} ({reason})"
-        for key, reason in UNSUPPORTED_LORA_FIELDS.items()
-        if config.get(key) not in (None, False, [], {})
-    ]
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.startswith("pissa_niter_"):
-        found.append(
-            f"init_lora_weights={init!r} (its randomised SVD cannot be repeated: save it from peft with "
-            "path_initial_model_for_weight_conversion, which writes a plain LoRA)"
-        )
-    elif init not in (True, False, "gaussian", *_INITS):
-        # EVA, CorDA, LoRA-GA, LoftQ & co. need data, gradients or a quantizer to rebuild their start
-        found.append(f"init_lora_weights={init!r} (not implemented; see the README)")
-    return found
-
-
 def _strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrategy:
     kind = config.get("peft_type")
     if kind not in SUPPORTED_TYPES:
@@ -347,7 +289,7 @@ def _strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrat
     if unsupported:
         raise ValueError(f"{source}: these peft settings are not supported: {', '.join(unsupported)}")
     if kind == "LORA":
-        return _lora_from_peft(config, saved)
+        return lora_from_peft(config, saved, _spec)
     if kind == "IA3":
         return IA3(
             target_modules=_spec(config.get("target_modules")),
@@ -360,27 +302,6 @@ def _strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrat
         num_virtual_tokens=config["num_virtual_tokens"]
     )
     return Compose([method, Freeze(trainable_modules=saved)]) if saved else method
-
-
-def _lora_from_peft(config: dict[str, Any], saved: list[str] | None) -> LoRA:
-    return LoRA(
-        r=config["r"],
-        lora_alpha=config.get("lora_alpha", 8),
-        lora_dropout=config.get("lora_dropout", 0.0),
-        target_modules=_spec(config.get("target_modules")),
-        exclude_modules=_spec(config.get("exclude_modules")),
-        layers_to_transform=config.get("layers_to_transform"),
-        layers_pattern=config.get("layers_pattern"),
-        modules_to_save=saved,
-        bias=config.get("bias", "none"),
-        use_rslora=bool(config.get("use_rslora", False)),
-        use_dora=bool(config.get("use_dora", False)),
-        init_lora_weights=config.get("init_lora_weights", True),
-        rank_pattern=config.get("rank_pattern") or None,
-        alpha_pattern=config.get("alpha_pattern") or None,
-        lora_bias=bool(config.get("lora_bias", False)),
-        trainable_token_indices=config.get("trainable_token_indices"),
-    )
 
 
 def _spec(value: Any) -> str | list[str] | None:

@@ -303,3 +303,28 @@ def test_export_without_a_record_reads_ranks_bias_and_tokens_from_the_layers(tmp
     assert set(config["rank_pattern"].values()) == {2}
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
     torch.testing.assert_close(outputs(model), outputs(theirs), atol=1e-5, rtol=0)
+
+
+# what every other LoraConfig field is: read into LoRA, bookkeeping, or a companion of an initialisation
+_READ = {
+    "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias",
+    "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "trainable_token_indices", "use_dora", "lora_bias",
+}  # fmt: skip
+_BOOKKEEPING = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "runtime_config", "megatron_core", "qalora_group_size", "ensure_weight_tying",
+}  # fmt: skip
+_INIT_COMPANIONS = {"loftq_config", "eva_config", "corda_config", "lora_ga_config"}  # refused with their init
+
+
+def test_every_peft_lora_field_is_read_or_refused_and_the_readme_names_each_refusal():
+    import dataclasses
+
+    from lightning_peft.formats.peft_lora import UNSUPPORTED_LORA_FIELDS
+
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields - _READ - _BOOKKEEPING - _INIT_COMPANIONS == set(UNSUPPORTED_LORA_FIELDS)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [field for field in UNSUPPORTED_LORA_FIELDS if f"`{field}`" not in readme]
+    assert not missing, f"the README's unsupported list lacks {missing}"
