@@ -7,7 +7,7 @@ fast paths.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -136,15 +136,7 @@ class LoRA(PEFTStrategy):
     def __post_init__(self) -> None:
         plain_lists(self)
         for name in ("rank_pattern", "alpha_pattern", "trainable_token_indices"):
-            value = getattr(self, name)
-            if isinstance(value, Mapping):  # Hydra passes a DictConfig
-                setattr(
-                    self,
-                    name,
-                    {str(k): list(v) if isinstance(v, list | tuple) else v for k, v in value.items()},
-                )
-        if isinstance(self.trainable_token_indices, dict):
-            self.trainable_token_indices = {k: list(v) for k, v in self.trainable_token_indices.items()}
+            setattr(self, name, _plain(getattr(self, name)))  # Hydra passes DictConfig/ListConfig
         validation_error(type(self).__name__, self._problems())
 
     def _problems(self) -> list[str]:
@@ -312,6 +304,15 @@ class LoRA(PEFTStrategy):
                 if name.rsplit(".", 1)[-1] == "bias" and not any(name.startswith(c) for c in frozen_copies)
             }
         return set()
+
+
+def _plain(value: object) -> object:
+    """Mappings and sequences (Hydra's DictConfig and ListConfig too) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [_plain(v) for v in value]
+    return value
 
 
 def pattern_value(pattern: dict[str, float] | None, name: str, default: float) -> float:

@@ -158,6 +158,23 @@ def test_trainable_tokens_train_only_the_chosen_rows():
     ids = torch.tensor([[5, 9, 7]])
     embedding(ids).sum().backward()
     assert embedding.trainable_tokens_delta.grad.abs().sum(dim=1).gt(0).tolist() == [True, False, True]
+    perturb(model)
+    before = outputs(model)
+    LoRA().merge(model)
+    torch.testing.assert_close(outputs(model), before, atol=1e-5, rtol=0)
+
+
+def test_fields_given_as_hydra_containers_become_plain_dicts_and_lists():
+    from omegaconf import OmegaConf
+
+    fields = OmegaConf.create(
+        {"rank_pattern": {"v_proj": 2}, "trainable_token_indices": {"embed_tokens": [3, 5]}}
+    )
+    strategy = LoRA(r=4, **fields)
+    assert strategy.to_config()["config"]["trainable_token_indices"] == {"embed_tokens": [3, 5]}
+    assert (
+        type(strategy.rank_pattern) is dict and type(strategy.trainable_token_indices["embed_tokens"]) is list
+    )
 
 
 @pytest.mark.parametrize(
