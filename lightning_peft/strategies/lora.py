@@ -32,6 +32,7 @@ from lightning_peft.strategies.targeting import (
     check_spec,
     find_targets,
     inner_layer,
+    is_conv1d,
     linear_types,
     matches,
     model_type,
@@ -235,12 +236,10 @@ class LoRA(PEFTStrategy):
                 problems.append(
                     f"{name!r} is an Embedding; lora_bias supports Linear, Conv1D and Conv2d (as peft)"
                 )
-            elif rewrites_base(self.init_lora_weights) and (
-                type(module) is not nn.Linear or not module.weight.is_floating_point()
-            ):
+            elif rewrites_base(self.init_lora_weights) and not _rewritable(module, self.init_lora_weights):
                 problems.append(
                     f"{name!r} is a {type(module).__name__}; init_lora_weights={self.init_lora_weights!r} "
-                    "rewrites dense nn.Linear weights only"
+                    "rewrites dense nn.Linear weights (and GPT-2 Conv1D ones for PiSSA) only"
                 )
         validation_error(owner, problems)
         return targets
@@ -304,6 +303,13 @@ class LoRA(PEFTStrategy):
                 if name.rsplit(".", 1)[-1] == "bias" and not any(name.startswith(c) for c in frozen_copies)
             }
         return set()
+
+
+def _rewritable(module: nn.Module, init: str) -> bool:
+    """Whether a base-rewriting ``init`` can start from ``module``'s weight (peft's OLoRA has no
+    transposed-weight form for ``Conv1D``, so neither has ours)."""
+    dense = type(module) is nn.Linear or (is_conv1d(module) and init != "olora")
+    return dense and module.weight.is_floating_point()
 
 
 def _plain(value: object) -> object:

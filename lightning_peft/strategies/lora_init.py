@@ -36,11 +36,12 @@ def rewrites_base(init: object) -> bool:
 def initialise_from_base(layer: nn.Module, init: str) -> None:
     """Set ``layer``'s ``A`` and ``B`` from its base weight by ``init`` and write the residual into it.
 
-    ``layer`` is a ``LoRALinear`` over a dense ``nn.Linear``; ``A₀``/``B₀`` are kept as buffers
+    ``layer`` is a ``LoRALinear`` over a dense ``nn.Linear`` (or a ``Conv1D`` for PiSSA); ``A₀``/``B₀`` are kept as buffers
     (``lora_A_initial``, ``lora_B_initial``; not saved: a resume computes them again).
     """
     stored = layer.inner_layer().weight
-    weight = stored.float()  # (out, in)
+    flip = getattr(layer, "fan_in_fan_out", False)  # GPT-2's Conv1D stores (in, out)
+    weight = stored.float().T if flip else stored.float()  # (out, in)
     r, scaling = layer.r, layer.scaling
     if init == "olora":
         q, upper = torch.linalg.qr(weight)
@@ -49,7 +50,8 @@ def initialise_from_base(layer: nn.Module, init: str) -> None:
         u, s, vh = _top_singular(weight, r, init)
         root = (s / scaling).sqrt()  # (r,)
         b, a = u * root, root[:, None] * vh
-    stored.copy_((weight - scaling * (b @ a)).to(stored.dtype))
+    residual = weight - scaling * (b @ a)
+    stored.copy_((residual.T if flip else residual).to(stored.dtype))
     layer.lora_A.copy_(a)
     layer.lora_B.copy_(b)
     layer.register_buffer("lora_A_initial", a.to(layer.lora_A.dtype).clone(), persistent=False)

@@ -10,7 +10,7 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_gpt2, tiny_llama
 from test_lora_fields import _fit, outputs, perturb
 
 from lightning_peft import LoRA, export_adapter, load_adapter
@@ -86,7 +86,9 @@ def test_an_unconverted_randomised_pissa_adapter_is_refused_naming_the_setting(t
 
 
 def test_weight_initialisations_refuse_layers_they_cannot_rewrite():
-    with pytest.raises(ValueError, match="'model.embed_tokens' is a Embedding; init_lora_weights='olora'"):
+    with pytest.raises(
+        ValueError, match="'model.embed_tokens' is a Embedding; init_lora_weights='olora' rewrites"
+    ):
         LoRA(target_modules=["embed_tokens"], init_lora_weights="olora").apply(tiny_llama())
 
 
@@ -106,3 +108,15 @@ def test_trains_through_the_callback_and_resumes_exactly(init, tmp_path):
     ours = resumed.state_dict()
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+def test_pissa_on_gpt2_conv1d_matches_peft_both_ways(tmp_path):
+    fields = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "init_lora_weights": "pissa"}
+    ours = perturb(LoRA(**fields).apply(tiny_gpt2()))
+    export_adapter(ours, tmp_path / "ours", format="peft")
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "ours"))
+    torch.testing.assert_close(outputs(ours), outputs(theirs), atol=1e-5, rtol=0)
+    theirs = perturb(peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(**fields)))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    loaded = load_adapter(tiny_gpt2(), tmp_path / "theirs")
+    torch.testing.assert_close(outputs(loaded), outputs(theirs), atol=1e-5, rtol=0)
