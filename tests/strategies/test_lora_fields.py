@@ -345,3 +345,22 @@ def test_every_peft_lora_field_is_read_or_refused_and_the_readme_names_each_refu
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [field for field in UNSUPPORTED_LORA_FIELDS if f"`{field}`" not in readme]
     assert not missing, f"the README's unsupported list lacks {missing}"
+
+
+def test_a_model_adapted_by_apply_resumes_through_the_callback_with_the_same_strategy(tmp_path):
+    _, first = _fit(tmp_path / "b", TRAINED["lora_bias"](), epochs=1)
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    module = _LM()
+    TRAINED["lora_bias"]().apply(module.model)  # recorded: the callback finds it adapted already
+    trainer = L.Trainer(
+        default_root_dir=tmp_path / "c",
+        max_epochs=2,
+        callbacks=[PEFT(TRAINED["lora_bias"](), module="model", verbose=False)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, _data(), ckpt_path=tmp_path / "half.ckpt")
+    layers = [m for m in module.model.modules() if hasattr(m, "lora_B_bias")]
+    assert len(layers) == 4 and all(not hasattr(m.base_layer, "lora_B_bias") for m in layers), "adapted twice"

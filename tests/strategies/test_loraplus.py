@@ -50,21 +50,37 @@ class _Recorded(CausalLM):
         return loss
 
 
-def test_the_task_module_trains_with_loraplus_and_the_loss_drops(tmp_path):
+def _fit(root, epochs: int, ckpt=None) -> tuple[_Recorded, L.Trainer]:
     module = _Recorded(config=TINY, lr=5e-3, loraplus_lr_ratio=16)
     trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=6,
+        default_root_dir=root,
+        max_epochs=epochs,
         callbacks=[PEFT(LoRA(r=4), module="model", verbose=False)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, _data())
+    trainer.fit(module, _data(), ckpt_path=ckpt)
+    return module, trainer
+
+
+def test_the_task_module_trains_with_loraplus_and_the_loss_drops(tmp_path):
+    module, trainer = _fit(tmp_path, epochs=6)
     groups = trainer.optimizers[0].param_groups
     assert [g["lr"] for g in groups] == pytest.approx([5e-3, 8e-2])
     assert all(
         n.endswith("lora_B") for n, p in module.named_parameters() if any(p is q for q in groups[1]["params"])
     )
     assert module.losses[-1] < module.losses[0] - 0.05, module.losses
+
+
+def test_loraplus_training_resumes_exactly(tmp_path):
+    straight, _ = _fit(tmp_path / "a", epochs=4)
+    _, first = _fit(tmp_path / "b", epochs=2)
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, trainer = _fit(tmp_path / "c", epochs=4, ckpt=tmp_path / "half.ckpt")
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([5e-3, 8e-2])
+    torch.testing.assert_close(
+        torch.tensor(resumed.losses), torch.tensor(straight.losses[4:]), atol=1e-5, rtol=0
+    )
