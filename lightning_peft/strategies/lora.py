@@ -239,7 +239,7 @@ class LoRA(PEFTStrategy):
             elif rewrites_base(self.init_lora_weights) and not _rewritable(module, self.init_lora_weights):
                 problems.append(
                     f"{name!r} is a {type(module).__name__}; init_lora_weights={self.init_lora_weights!r} "
-                    "rewrites dense nn.Linear weights (and GPT-2 Conv1D ones for PiSSA) only"
+                    "rewrites loaded (not meta) dense nn.Linear weights, and GPT-2 Conv1D ones for PiSSA"
                 )
         validation_error(owner, problems)
         return targets
@@ -309,7 +309,7 @@ def _rewritable(module: nn.Module, init: str) -> bool:
     """Whether a base-rewriting ``init`` can start from ``module``'s weight (peft's OLoRA has no
     transposed-weight form for ``Conv1D``, so neither has ours)."""
     dense = type(module) is nn.Linear or (is_conv1d(module) and init != "olora")
-    return dense and module.weight.is_floating_point()
+    return dense and module.weight.is_floating_point() and module.weight.device.type != "meta"
 
 
 def _plain(value: object) -> object:

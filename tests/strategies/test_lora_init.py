@@ -87,7 +87,7 @@ def test_an_unconverted_randomised_pissa_adapter_is_refused_naming_the_setting(t
 
 def test_weight_initialisations_refuse_layers_they_cannot_rewrite():
     with pytest.raises(
-        ValueError, match="'model.embed_tokens' is a Embedding; init_lora_weights='olora' rewrites"
+        ValueError, match="'model.embed_tokens' is a Embedding; init_lora_weights='olora' rewrites loaded"
     ):
         LoRA(target_modules=["embed_tokens"], init_lora_weights="olora").apply(tiny_llama())
 
