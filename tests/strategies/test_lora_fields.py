@@ -364,3 +364,33 @@ def test_a_model_adapted_by_apply_resumes_through_the_callback_with_the_same_str
     trainer.fit(module, _data(), ckpt_path=tmp_path / "half.ckpt")
     layers = [m for m in module.model.modules() if hasattr(m, "lora_B_bias")]
     assert len(layers) == 4 and all(not hasattr(m.base_layer, "lora_B_bias") for m in layers), "adapted twice"
+
+
+class _Holder(L.LightningModule):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        _ours("patterns-linear-embedding"),
+        _ours("lora_bias-linear"),
+        _ours("trainable_tokens-dict"),
+        LoRA(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa"),
+        LoRA(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="olora"),
+    ],
+    ids=["patterns", "lora_bias", "tokens", "pissa", "olora"],
+)
+def test_export_from_a_callback_checkpoint_loads_in_peft_with_equal_outputs(strategy, tmp_path):
+    lit = _Holder(tiny_llama())
+    callback = PEFT(strategy, module="model", verbose=False)
+    callback.adapt(lit)
+    perturb(lit)
+    checkpoint = {"state_dict": lit.state_dict()}
+    callback.prune_checkpoint(lit, checkpoint)
+    torch.save(checkpoint, tmp_path / "adapter.ckpt")
+    export_adapter(tmp_path / "adapter.ckpt", tmp_path / "adapter", format="peft")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
+    torch.testing.assert_close(outputs(lit.model), outputs(theirs), atol=1e-5, rtol=0)
