@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lightning_peft.formats.peft_lora import wraps_parameter
 from lightning_peft.strategies.base import PEFTStrategy, strategy_from_config
 from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.lora import LoRA
@@ -117,7 +118,13 @@ def _lora_rank_problems(method: LoRA, shapes: Mapping[str, tuple[int, ...]]) -> 
     if not found:
         return [f"the config describes LoRA (r={method.r}) but the file holds no lora_A/lora_B"]
     problems = []
-    wrong = [f"{name} (config: {expected})" for name, (rank, expected) in found.items() if rank != expected]
+    wrong = [
+        f"{name} (config: {expected})"
+        for name, (rank, expected) in found.items()
+        # a target_parameters stack holds r per expert, r * experts in all
+        if rank != expected
+        and not (wraps_parameter(name.split(" ")[0].rsplit(".lora_", 1)[0], method) and rank % expected == 0)
+    ]
     if wrong:
         source = "r/rank_pattern" if method.rank_pattern else f"r={method.r}"
         problems.append(f"{source} in the config, but the tensors have another rank: {', '.join(wrong[:4])}")

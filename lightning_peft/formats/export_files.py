@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_peft.formats import peft_layout as hf
 from lightning_peft.formats.files import read_json
+from lightning_peft.formats.peft_lora import wraps_parameter
 from lightning_peft.formats.source import AdapterSource, with_plain_lora
 from lightning_peft.strategies.base import PEFTLayer
 from lightning_peft.strategies.ia3 import IA3
@@ -121,7 +122,8 @@ def peft_files(adapter: AdapterSource, facts: dict[str, Any]) -> tuple[dict, dic
         out[key] = hf.to_peft_value(name, value, tensors)
         module, _, leaf = name[len(prefix) :].rpartition(".")
         if leaf in ("lora_A", "lora_embedding_A") or (leaf == "ia3_l" and isinstance(method, IA3)):
-            targets.append(module)
+            if not wraps_parameter(module, method):  # those are listed in target_parameters
+                targets.append(module)
             if leaf == "ia3_l" and value.shape[0] == 1:  # (1, in): the input is scaled, a feed-forward layer
                 feedforward.append(module)
         elif ".trained." in name and key.removeprefix(hf.key_prefix(method)) != name[len(prefix) :]:

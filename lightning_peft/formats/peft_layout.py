@@ -245,7 +245,10 @@ def entries_peft_used(config: dict[str, Any], keys: Iterable[str]) -> dict[str, 
     for field in ("target_modules", "modules_to_save"):
         value = config.get(field)
         if isinstance(value, list | tuple) and paths:
-            narrowed[field] = [e for e in value if any(matches(p, [e]) for p in paths)] or None
+            kept = [e for e in value if any(matches(p, [e]) for p in paths)]
+            narrowed[field] = kept or (
+                [] if field == "target_modules" and config.get("target_parameters") else None
+            )
     return narrowed
 
 

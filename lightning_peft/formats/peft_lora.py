@@ -10,7 +10,6 @@ from lightning_peft.strategies.lora_init import WEIGHT_INITS
 
 # peft settings we cannot build, with the reason the README gives; each is refused naming its field
 UNSUPPORTED_LORA_FIELDS = {
-    "target_parameters": "LoRA on nn.Parameter weights (mixture-of-experts tensors) is not implemented",
     "use_qalora": "QA-LoRA pools inputs per quantization group: a different layer",
     "layer_replication": "copies transformer blocks while loading: the model's structure changes",
     "alora_invocation_tokens": "activated LoRA switches on per token after an invocation sequence",
@@ -60,6 +59,8 @@ def lora_config(method: LoRA, targets: list[str], fan_in_fan_out: bool) -> dict[
         config["rank_pattern"] = dict(method.rank_pattern)
     if method.alpha_pattern:
         config["alpha_pattern"] = {k: _number(v) for k, v in method.alpha_pattern.items()}
+    if method.target_parameters:
+        config["target_parameters"] = list(method.target_parameters)
     if method.trainable_token_indices is not None:
         config["trainable_token_indices"] = method.trainable_token_indices
     return config
@@ -84,8 +85,23 @@ def lora_from_peft(config: dict[str, Any], saved: list[str] | None, spec: Any) -
         alpha_pattern=config.get("alpha_pattern") or None,
         lora_bias=bool(config.get("lora_bias", False)),
         trainable_token_indices=config.get("trainable_token_indices"),
+        target_parameters=config.get("target_parameters") or None,
     )
 
 
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
+
+
+def wraps_parameter(path: str, method: object) -> bool:
+    """Whether the adapter at module ``path`` is a ``target_parameters`` wrapper (its module, without
+    the ``.base_layer`` links of nested wrappers, owns a parameter that an entry names)."""
+    entries = getattr(method, "target_parameters", None) or []
+    owner = path
+    while owner.endswith(".base_layer"):
+        owner = owner[: -len(".base_layer")]
+    for entry in entries:
+        module = entry.rpartition(".")[0]
+        if owner == module or owner.endswith("." + module):
+            return True
+    return False

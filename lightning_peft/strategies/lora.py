@@ -22,6 +22,7 @@ from lightning_peft.strategies.lora_layers import (
     LoRAEmbedding,
     LoRALinear,
 )
+from lightning_peft.strategies.lora_parameters import LoRAParameter, parameter_targets
 from lightning_peft.strategies.modules_to_save import (
     frozen_copy_prefixes,
     select_modules_to_save,
@@ -103,6 +104,10 @@ class LoRA(PEFTStrategy):
         trainable_token_indices: rows of the input embedding that train whole (new special tokens),
             the rest stays frozen: a list of token ids for the model's input embedding, or
             ``{module name: ids}``. The embedding's weight must not be tied to an output head.
+        target_parameters: ``nn.Parameter`` weights to adapt by name (or name ending), e.g.
+            ``["experts.gate_up_proj", "experts.down_proj"]``: 2-D weights, or 3-D expert stacks with
+            one update per expert (see ``lora_parameters.py``); set ``target_modules=[]`` to adapt
+            only these. No dropout, DoRA or ``lora_bias`` there (as peft).
         share_dropout_mask: with ``lora_dropout``, layers that read the same tensor (q, k and v; gate
             and up) use one mask instead of one each. It trades the method's semantics for speed and
             memory: one draw instead of three, and backward keeps one packed mask per input instead
@@ -133,6 +138,7 @@ class LoRA(PEFTStrategy):
     alpha_pattern: dict[str, float] | None = None
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         plain_lists(self)
@@ -197,6 +203,23 @@ class LoRA(PEFTStrategy):
                 "lora_bias=True needs use_dora=False and init_lora_weights True or False (as in peft)"
             )
         problems += token_index_problems(self.trainable_token_indices)
+        params = self.target_parameters
+        if params is not None:
+            if not (
+                isinstance(params, list) and params and all(isinstance(e, str) and "." in e for e in params)
+            ):
+                problems.append(
+                    "target_parameters must be a non-empty list of '<module>.<parameter>' names (e.g. "
+                    f"'experts.gate_up_proj'), got {params!r}"
+                )
+            elif self.lora_dropout or self.use_dora or self.lora_bias:
+                problems.append(
+                    "target_parameters needs lora_dropout=0, use_dora=False and lora_bias=False (as peft)"
+                )
+        elif self.target_modules == []:
+            problems.append(
+                "target_modules=[] adapts nothing: name modules, or parameters in target_parameters"
+            )
         return problems
 
     def layer_settings(self, name: str) -> tuple[int, float]:
@@ -209,6 +232,8 @@ class LoRA(PEFTStrategy):
     def _checked_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The modules to adapt; raises before anything changes if the config does not fit ``model``."""
         owner = type(self).__name__
+        if self.target_modules == []:  # only parameters (target_parameters) are adapted
+            return []
         # one error for every misspelled entry, before the checks below raise for one field each
         fields = ("target_modules", "exclude_modules", "modules_to_save")
         check_entries(model, owner, {field: getattr(self, field) for field in fields})
@@ -248,6 +273,7 @@ class LoRA(PEFTStrategy):
         # everything is checked before the model is touched: a bad config leaves it as it was
         targets = self._checked_targets(model)
         tokens = token_targets(model, self.trainable_token_indices, self.modules_to_save, type(self).__name__)
+        chosen = self._checked_parameters(model)
         both = sorted({n for n, _ in targets} & {n for n, _, _ in tokens})
         validation_error(
             type(self).__name__, [f"{n!r} is a LoRA target and in trainable_token_indices" for n in both]
@@ -265,6 +291,24 @@ class LoRA(PEFTStrategy):
                 initialise_from_base(new, self.init_lora_weights)
             replace_module(model, name, new)
         add_trainable_tokens(model, tokens)
+        self._wrap_parameters(model, chosen)
+
+    def _checked_parameters(self, model: nn.Module) -> list[tuple[str, str, str]]:
+        if not self.target_parameters:
+            return []
+        chosen = parameter_targets(model, self.target_parameters)
+        unused = [e for e in self.target_parameters if not any(e == entry for _, _, entry in chosen)]
+        validation_error(
+            type(self).__name__,
+            [f"target_parameters: {e!r} matches no parameter of the model" for e in unused],
+        )
+        return chosen
+
+    def _wrap_parameters(self, model: nn.Module, chosen: list[tuple[str, str, str]]) -> None:
+        for module_name, param_name, _ in chosen:  # a second parameter of a module wraps the first wrapper
+            r, alpha = self.layer_settings(f"{module_name}.{param_name}")
+            wrapper = LoRAParameter(model.get_submodule(module_name), param_name, r, alpha, self.use_rslora)
+            replace_module(model, module_name, wrapper)
 
     def _lora_layer(self, name: str, module: nn.Module) -> nn.Module:
         """The LoRA layer around ``module``, with that module's rank and alpha."""

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from lightning_peft.strategies.lora_layers import LORA_LAYERS
+from lightning_peft.strategies.lora_parameters import LoRAParameter
 
 B_PARAMETERS = ("lora_B", "lora_embedding_B", "lora_B_bias")
 
@@ -41,7 +42,9 @@ def loraplus_param_groups(
     fast_ids: set[int] = set()
     if loraplus_lr_ratio is not None:
         for module in model.modules():
-            if isinstance(module, LORA_LAYERS):  # found by the adapter's type, not by parameter names
+            if isinstance(
+                module, (*LORA_LAYERS, LoRAParameter)
+            ):  # found by the adapter's type, not by parameter names
                 fast_ids.update(id(getattr(module, n)) for n in B_PARAMETERS if hasattr(module, n))
     slow = [p for p in trainable if id(p) not in fast_ids]
     fast = [p for p in trainable if id(p) in fast_ids]

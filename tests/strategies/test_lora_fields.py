@@ -5,6 +5,7 @@ callback and resumed; and the peft settings that stay unsupported, refused namin
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,26 @@ def outputs(model: nn.Module) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def tiny_mixtral(seed: int = 0) -> nn.Module:
+    """A tiny mixture of experts whose experts are 3-D nn.Parameter stacks (transformers' MixtralExperts)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 # each case: (base model, the config fields, given alike to LoRA and to peft's LoraConfig)
 CASES: dict[str, tuple[Build, dict]] = {
     "lora_bias-linear": (tiny_llama, {"target_modules": ["q_proj", "down_proj"], "lora_bias": True}),
@@ -74,6 +95,22 @@ CASES: dict[str, tuple[Build, dict]] = {
     "patterns-conv2d": (
         cnn,
         {"target_modules": ["0", "2"], "rank_pattern": {"2": 6}, "alpha_pattern": {"0": 1}},
+    ),
+    "target_parameters-experts": (
+        tiny_mixtral,
+        {
+            "target_modules": ["q_proj"],
+            "target_parameters": EXPERTS,
+            "rank_pattern": {"layers.1.mlp.experts.down_proj": 3},
+        },
+    ),
+    "target_parameters-2d": (
+        tiny_llama,
+        {
+            "target_modules": [],
+            "target_parameters": ["self_attn.o_proj.weight"],
+            "alpha_pattern": {"o_proj.weight": 2},
+        },
     ),
     "trainable_tokens-list": (tiny_llama, {"target_modules": ["q_proj"], "trainable_token_indices": TOKENS}),
     "trainable_tokens-dict": (
@@ -326,7 +363,7 @@ def test_export_without_a_record_reads_ranks_bias_and_tokens_from_the_layers(tmp
 _READ = {
     "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias",
     "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
-    "rank_pattern", "alpha_pattern", "trainable_token_indices", "use_dora", "lora_bias",
+    "rank_pattern", "alpha_pattern", "trainable_token_indices", "use_dora", "lora_bias", "target_parameters",
 }  # fmt: skip
 _BOOKKEEPING = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -394,3 +431,51 @@ def test_export_from_a_callback_checkpoint_loads_in_peft_with_equal_outputs(stra
     export_adapter(tmp_path / "adapter.ckpt", tmp_path / "adapter", format="peft")
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
     torch.testing.assert_close(outputs(lit.model), outputs(theirs), atol=1e-5, rtol=0)
+
+
+def test_target_parameters_give_each_expert_its_own_update():
+    model = LoRA(r=2, target_modules=[], target_parameters=EXPERTS).apply(tiny_mixtral())
+    outer = model.model.layers[0].mlp.experts  # down_proj's wrapper around gate_up_proj's
+    inner = outer.base_layer
+    assert (outer.parameter_name, inner.parameter_name) == ("down_proj", "gate_up_proj")
+    assert inner.lora_A.shape == (2 * 4, 32) and inner.lora_B.shape == (96, 2 * 4)
+    perturb(model)
+    delta = inner.delta_weight()  # (experts, 96, 32)
+    a, b = inner.lora_A.detach(), inner.lora_B.detach()
+    for e in range(4):  # expert e: rows e*r.. of A, columns k*E + e of B (peft's layout)
+        expected = b[:, [k * 4 + e for k in range(2)]] @ a[e * 2 : e * 2 + 2] * inner.scaling
+        torch.testing.assert_close(delta[e], expected)
+    assert not any("parametrizations" in n for n in model.state_dict()), (
+        "the parametrization outlives the call"
+    )
+
+
+def test_target_parameters_refuse_dropout_and_names_without_a_module():
+    with pytest.raises(ValueError, match="target_parameters needs lora_dropout=0"):
+        LoRA(target_modules=[], target_parameters=EXPERTS, lora_dropout=0.1)
+    with pytest.raises(ValueError, match="'<module>.<parameter>' names"):
+        LoRA(target_modules=[], target_parameters=["gate_up_proj"])
+    with pytest.raises(ValueError, match="target_parameters: 'experts.nope' matches no parameter"):
+        LoRA(target_modules=[], target_parameters=["experts.nope"]).apply(tiny_mixtral())
+
+
+class _MoE(_LM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_mixtral().train()
+
+
+def test_target_parameters_train_through_the_callback_and_resume_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "_LM", _MoE)  # _fit builds the mixture of experts
+
+    def strategy():
+        return LoRA(r=4, target_modules=[], target_parameters=EXPERTS)
+
+    straight, _ = _fit(tmp_path / "a", strategy(), epochs=6)
+    assert straight.losses[-1] < straight.losses[0] - 0.05, f"the loss did not drop: {straight.losses}"
+    _, first = _fit(tmp_path / "b", strategy(), epochs=3)
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, _ = _fit(tmp_path / "c", strategy(), epochs=6, ckpt=tmp_path / "half.ckpt")
+    torch.testing.assert_close(
+        torch.tensor(resumed.losses), torch.tensor(straight.losses[6:]), atol=1e-5, rtol=0
+    )
