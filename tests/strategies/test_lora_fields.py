@@ -479,3 +479,13 @@ def test_target_parameters_train_through_the_callback_and_resume_exactly(tmp_pat
     torch.testing.assert_close(
         torch.tensor(resumed.losses), torch.tensor(straight.losses[6:]), atol=1e-5, rtol=0
     )
+
+
+def test_target_parameters_merge_and_unmerge_with_outputs_unchanged():
+    strategy = LoRA(r=4, target_modules=["q_proj"], target_parameters=EXPERTS)
+    model = perturb(strategy.apply(tiny_mixtral()))
+    before = outputs(model)
+    strategy.merge(model)
+    torch.testing.assert_close(outputs(model), before, atol=1e-5, rtol=0)
+    strategy.unmerge(model)
+    torch.testing.assert_close(outputs(model), before, atol=1e-5, rtol=0)
