@@ -20,6 +20,8 @@ from lightning_peft.strategies.base import count_parameters  # noqa: E402
 METHODS = {
     "LoRA(r=8)": lambda: LoRA(r=8, lora_alpha=16),
     "LoRA(r=8, use_dora=True)": lambda: LoRA(r=8, lora_alpha=16, use_dora=True),
+    'LoRA(r=8, init_lora_weights="pissa")': lambda: LoRA(r=8, lora_alpha=16, init_lora_weights="pissa"),
+    "LoRA(r=8, lora_bias=True)": lambda: LoRA(r=8, lora_alpha=16, lora_bias=True),
     "QLoRA(r=8), nf4 base": lambda: QLoRA(r=8, lora_alpha=16, compute_dtype="float32"),
     "IA3()": lambda: IA3(),
     "BottleneckAdapter() (Houlsby)": lambda: BottleneckAdapter(),

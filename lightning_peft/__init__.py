@@ -59,6 +59,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "load_adapter",
         "read_adapter",
     ),
+    "lightning_peft.strategies.loraplus": ("loraplus_param_groups",),
     "lightning_peft.planning": ("MemoryPlan", "plan"),
     "lightning_peft.generation.templates": ("ALPACA", "CHAT", "InstructionCollator", "PromptTemplate"),
     "lightning_peft.data.augment": ("TokenAugmentation",),

@@ -300,6 +300,7 @@ def test_load_adapter_names_keys_that_do_not_fit(tmp_path):
     weights = tmp_path / "adapter" / "adapter_model.safetensors"
     tensors = adapter_module.read_safetensors(weights)
     tensors["base_model.model.model.layers.0.self_attn.nope.lora_A.weight"] = torch.zeros(4, 32)
+    tensors["base_model.model.model.layers.0.self_attn.nope.lora_B.weight"] = torch.zeros(32, 4)
     adapter_module.write_safetensors(tensors, weights)
     with pytest.raises(ValueError, match=r"do not fit this model: .*self_attn\.nope\.lora_A\.weight"):
         load_adapter(tiny_llama(), tmp_path / "adapter")
@@ -319,10 +320,10 @@ def test_load_adapter_names_missing_tensors(tmp_path):
 
 def test_load_adapter_refuses_methods_it_cannot_build(tmp_path):
     theirs = peft.get_peft_model(
-        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2})
+        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], layer_replication=[(0, 2), (1, 2)])
     )
     theirs.save_pretrained(str(tmp_path / "adapter"))
-    with pytest.raises(ValueError, match="not supported: rank_pattern"):
+    with pytest.raises(ValueError, match="not supported: layer_replication"):
         load_adapter(tiny_llama(), tmp_path / "adapter")
 
 

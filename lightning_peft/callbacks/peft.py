@@ -238,8 +238,9 @@ class PEFT(Callback):
                     f"{type(target).__name__} was already adapted with another strategy: "
                     + "; ".join(config_differences(applied, config))
                 )
-            if not self._shapes:  # a new callback on a module adapted before
+            if not self._shapes:  # a new callback on a module adapted before (strategy.apply records it)
                 self._shapes = {clean_name(n): tuple(p.shape) for n, p in pl_module.named_parameters()}
+                pl_module.strict_loading = False  # the check in on_load_checkpoint replaces it
             return False
         self.strategy.apply(target)
         if self._pretrained is not None:

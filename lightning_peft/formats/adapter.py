@@ -18,6 +18,12 @@ from torch import nn
 
 from lightning_peft.formats import peft_layout as hf
 from lightning_peft.formats.checks import check_finite, check_sizes, strategy_from_record
+from lightning_peft.formats.export_files import (
+    NATIVE_CONFIG,
+    NATIVE_FORMAT_VERSION,
+    adapter_files,
+    export_facts,
+)
 from lightning_peft.formats.files import (
     copy_tokenizer,
     read_json,
@@ -27,21 +33,19 @@ from lightning_peft.formats.files import (
     write_json,
     write_safetensors,
 )
-from lightning_peft.formats.source import AdapterSource, source_from_checkpoint, source_from_module
-from lightning_peft.strategies.base import APPLIED_ATTR, PEFTLayer, PEFTStrategy
-from lightning_peft.strategies.ia3 import IA3
+from lightning_peft.formats.source import (
+    source_from_checkpoint,
+    source_from_module,
+)
+from lightning_peft.strategies.base import APPLIED_ATTR, PEFTStrategy
 from lightning_peft.strategies.named import (
     adapter_state_dict,
     add_adapter,
     canonical_name,
     load_adapter_state_dict,
 )
-from lightning_peft.strategies.prompt import PrefixEncoder
 from lightning_peft.strategies.state import load_trainable_state_dict, trainable_names
-from lightning_peft.strategies.targeting import matches
 
-NATIVE_CONFIG = "lightning_peft_config.json"
-NATIVE_FORMAT_VERSION = 1
 Format = Literal["auto", "peft", "lightning_peft"]
 Progress = Callable[[str], None]
 
@@ -73,13 +77,14 @@ def export_adapter(
 ) -> ExportResult:
     """Write the adapter of a checkpoint or an adapted module to the folder ``out_dir``.
 
-    The Hugging Face PEFT layout (``adapter_config.json`` + ``adapter_model.safetensors``) is written
-    when it can carry the adapter, otherwise our own (``lightning_peft_config.json`` + the same weights
-    file); the result says which, and why. A checkpoint needs no base model weights.
+    The Hugging Face PEFT layout (``adapter_config.json`` + ``adapter_model.safetensors``) when it can
+    carry the adapter, else ours (``lightning_peft_config.json`` + the same weights file); the result
+    says which, and why. A checkpoint needs no base model weights.
 
     Args:
         source: a Lightning checkpoint written with the ``PEFT`` callback, or an adapted module (a
-            LightningModule the callback adapted, or a model adapted with ``strategy.apply``).
+            LightningModule the callback adapted, or a model adapted with ``strategy.apply``, whose
+            config is written as it was set; a model adapted twice is read from its layers).
         out_dir: the folder to create; written next to it first and renamed when complete.
         adapter_name: which named adapter to export when the model carries several.
         base_model_name_or_path: recorded in the config; a local model folder also tells the task type.
@@ -89,196 +94,57 @@ def export_adapter(
         root: dotted path, inside the adapted module, of the Hugging Face model the PEFT paths are relative
             to. Default: the adapted module itself, or for a module source the outermost transformers
             model in it. Needed for checkpoints of ``PEFT(module=None)`` that adapted a whole LightningModule.
-        overwrite: replace an existing ``out_dir``, if it is a folder that an export wrote (one that
-            holds other files is refused, naming them).
+        overwrite: replace an existing ``out_dir`` that an export wrote (other files: refused, named).
         progress: called with a line of text for each step (the command line prints them).
         tokenizer: also written into the folder (an object with ``save_pretrained`` or a folder
             holding tokenizer files), as ``lightning-peft generate`` and peft's users read it.
         allow_non_finite: export tensors that hold NaN or infinity (refused by default, naming them).
 
-    Two exports to one ``out_dir`` at once: one fails at once with ``FileExistsError``. A crash at any
-    point leaves ``out_dir`` as it was or complete (see ``staged_directory``).
+    A second export to the same ``out_dir`` at once fails with ``FileExistsError``; a crash leaves
+    ``out_dir`` as it was or complete (see ``staged_directory``).
 
     Example::
 
         export_adapter("epoch=2.ckpt", "my-adapter", base_model_name_or_path="meta-llama/Llama-3.2-1B")
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(...), "my-adapter")
     """
+    _check_choices(format, task_type)
+    say = progress or (lambda line: None)
+    say(f"reading {source if isinstance(source, str | Path) else type(source).__name__}")
+    is_module = isinstance(source, nn.Module)
+    adapter = (source_from_module if is_module else source_from_checkpoint)(source, adapter_name)
+    check_finite(adapter.tensors, adapter.origin, allow_non_finite)
+    facts = export_facts(adapter, root, base_model_name_or_path, task_type)
+    files, note = adapter_files(adapter, facts, format)
+    config, tensors = files
+    written = "peft" if hf.CONFIG_FILE in config else "lightning_peft"
+    say(f"writing {len(tensors)} tensors ({written} format) to {out_dir}")
+    _write_folder(out_dir, overwrite, config, tensors, tokenizer)
+    if adapter.left_out:
+        left_out = f"{len(adapter.left_out)} tensors outside the adapted module left out"
+        note = f"{note}; {left_out}" if note else left_out
+    return ExportResult(Path(out_dir), written, len(tensors), note)
+
+
+def _check_choices(format: str, task_type: str | None) -> None:
     if format not in ("auto", "peft", "lightning_peft"):
         raise ValueError(f"format must be 'auto', 'peft' or 'lightning_peft', got {format!r}")
     if task_type is not None and task_type not in hf.TASK_TYPES:
         raise ValueError(f"task_type must be one of {', '.join(hf.TASK_TYPES)}, got {task_type!r}")
-    say = progress or (lambda line: None)
-    say(f"reading {source if isinstance(source, str | Path) else type(source).__name__}")
-    if isinstance(source, nn.Module):
-        adapter = source_from_module(source, adapter_name)
-    else:
-        adapter = source_from_checkpoint(source, adapter_name)
-    check_finite(adapter.tensors, adapter.origin, allow_non_finite)
-    facts = _facts(adapter, root, base_model_name_or_path, task_type)
-    note = None
-    files: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None
-    if format != "lightning_peft":
-        try:
-            files = _peft_files(adapter, facts)
-        except hf.NotInPeftFormat as err:
-            if format == "peft":
-                raise
-            note = f"written in the lightning_peft layout: {err}"
-    if files is None:
-        files = _native_files(adapter, base_model_name_or_path)
-    config, tensors = files
-    written = "peft" if hf.CONFIG_FILE in config else "lightning_peft"
-    say(f"writing {len(tensors)} tensors ({written} format) to {out_dir}")
+
+
+def _write_folder(
+    out_dir: str | Path,
+    overwrite: bool,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    tokenizer: Any,
+) -> None:
     with staged_directory(out_dir, overwrite) as staged:
         for name, data in config.items():
             write_json(data, staged / name)
         write_safetensors(tensors, staged / hf.WEIGHTS_FILE)
         copy_tokenizer(tokenizer, staged)  # inside the staging: the folder appears whole or not at all
-    if adapter.left_out:
-        note = (
-            note + "; " if note else ""
-        ) + f"{len(adapter.left_out)} tensors outside the adapted module left out"
-    return ExportResult(Path(out_dir), written, len(tensors), note)
-
-
-def _facts(adapter: AdapterSource, root: str | None, base_path: str | None, task_type: str | None) -> dict:
-    """What adapter_config.json needs beyond the strategy: read from the model, or a local base folder."""
-    facts: dict[str, Any] = {"root": root}
-    hf_model, config = None, None
-    if adapter.model is not None:
-        hf_model = _hf_model(adapter.model, root)
-        if hf_model is not None:
-            facts["root"] = root if root is not None else hf_model[0]
-            facts["root_module"] = hf_model[1]
-            config = hf_model[1].config.to_dict()
-            config["architectures"] = [type(hf_model[1]).__name__]
-            base_path = base_path or getattr(hf_model[1].config, "_name_or_path", None) or None
-        facts["fan_in_fan_out"] = any(getattr(m, "fan_in_fan_out", False) for m in adapter.model.modules())
-        for module in adapter.model.modules():  # a prefix is shaped like the keys and values
-            if isinstance(module, PrefixEncoder):
-                facts["token_dim"] = module.kv_heads * module.head_dim
-                facts["num_attention_heads"] = module.kv_heads
-                facts["num_layers"] = module.layers
-    elif base_path and (Path(base_path) / "config.json").is_file():
-        config = read_json(Path(base_path) / "config.json")
-    if config is not None:
-        facts.setdefault("task_type", hf.task_type_of((config.get("architectures") or [None])[0]))
-        config = config.get("text_config") or config
-        for key, names in {
-            "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
-            "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
-            "token_dim": ("hidden_size", "n_embd", "d_model"),
-        }.items():
-            found = next((config[n] for n in names if isinstance(config.get(n), int)), None)
-            if found is not None:
-                facts.setdefault(key, found)
-    if task_type is not None:
-        facts["task_type"] = task_type
-    facts["base_model_name_or_path"] = base_path
-    return facts
-
-
-def _hf_model(model: nn.Module, root: str | None) -> tuple[str, nn.Module] | None:
-    """(path, module) of the Hugging Face model inside ``model``: at ``root``, or the outermost one."""
-    from transformers import PreTrainedModel
-
-    if root is not None:
-        try:
-            found = model.get_submodule(root) if root else model
-        except AttributeError as err:
-            raise ValueError(f"root={root!r} is not a submodule of {type(model).__name__}: {err}") from err
-        return (root, found) if isinstance(found, PreTrainedModel) else None
-    for name, module in model.named_modules():
-        if isinstance(module, PreTrainedModel):
-            return name, module
-    return None
-
-
-def _peft_files(adapter: AdapterSource, facts: dict[str, Any]) -> tuple[dict, dict]:
-    method, extra_saved = hf.peft_method(adapter.strategy)
-    root = facts.get("root")
-    if adapter.whole_lightning_module and root is None:
-        raise hf.NotInPeftFormat(
-            "the checkpoint adapted a whole LightningModule (PEFT(module=None)), so its names are not those of "
-            "a Hugging Face model; pass root= the attribute holding the model (--root), or train with "
-            "PEFT(module='model')"
-        )
-    prefix = f"{root}." if root else ""
-    tensors = hf.with_computed_prefix(adapter.tensors)
-    out: dict[str, torch.Tensor] = {}
-    outside = []
-    targets, feedforward, saved = [], [], []
-    for name, value in tensors.items():
-        key = hf.peft_name(name, method)
-        if key != "prompt_embeddings":
-            if not key.startswith(prefix):
-                outside.append(name)
-                continue
-            key = hf.key_prefix(method) + key[len(prefix) :]
-        out[key] = hf.to_peft_value(name, value, tensors)
-        module, _, leaf = name[len(prefix) :].rpartition(".")
-        if leaf in ("lora_A", "lora_embedding_A") or (leaf == "ia3_l" and isinstance(method, IA3)):
-            targets.append(module)
-            if leaf == "ia3_l" and value.shape[0] == 1:  # (1, in): the input is scaled, a feed-forward layer
-                feedforward.append(module)
-        elif ".trained." in name and key.removeprefix(hf.key_prefix(method)) != name[len(prefix) :]:
-            saved.append(name[len(prefix) :].partition(".trained.")[0])  # a module trained whole
-    if outside:
-        raise hf.NotInPeftFormat(
-            f"{len(outside)} tensors lie outside the Hugging Face model at {root!r}: {', '.join(outside[:6])}"
-        )
-    written, ff = hf.written_targets(targets, method, feedforward)
-    saved = list(dict.fromkeys(saved)) + extra_saved
-    heads, head_names = _task_heads(facts, saved)
-    if heads is None:  # peft's task model would look for head weights we do not have
-        if hf.is_prompt_learning(method):
-            raise ValueError(
-                f"peft's {facts['task_type']} models train {' or '.join(hf.TASK_HEADS[facts['task_type']])} whole "
-                "and need its weights in the adapter, which this checkpoint does not hold: train the head too "
-                "(e.g. Compose([PromptTuning(...), Freeze(trainable_modules=['classifier'])])), or export from "
-                "the adapted module"
-            )
-        facts = {**facts, "task_type": None}  # LoRA and IA3 work the same in peft's plain PeftModel
-    else:
-        out |= {hf.key_prefix(method) + name: value for name, value in heads.items()}
-        saved += head_names
-    config = hf.peft_config(method, written, ff, saved, facts)
-    return {hf.CONFIG_FILE: config}, out
-
-
-def _task_heads(facts: dict[str, Any], saved: list[str]) -> tuple[dict[str, torch.Tensor] | None, list[str]]:
-    """(tensors, module names) of the heads that peft's task model trains whole by itself and that the
-    adapter does not hold already, names relative to the Hugging Face model; tensors are None if these
-    heads are needed but unknown."""
-    endings = hf.TASK_HEADS.get(facts.get("task_type"), ())
-    if not endings or any(name.endswith(endings) for name in saved):
-        return {}, []
-    model = facts.get("root_module")
-    if model is None:
-        return None, []
-    tensors, names = {}, []
-    for name, module in model.named_modules():
-        # peft picks its heads with a plain str.endswith over module names; so do we
-        if name and name.endswith(endings) and not matches(name, saved):
-            if isinstance(module, PEFTLayer):
-                return None, []  # adapted and trained whole at once: peft has no such layer
-            tensors |= {f"{name}.{k}": v.detach().cpu() for k, v in module.state_dict().items()}
-            names.append(name)
-    return tensors, names
-
-
-def _native_files(adapter: AdapterSource, base_path: str | None) -> tuple[dict, dict]:
-    config = {
-        "format": "lightning_peft",
-        "format_version": NATIVE_FORMAT_VERSION,
-        "strategy": adapter.strategy.to_config(),
-        "module": adapter.module,
-        "adapter_name": adapter.adapter_name,
-        "base_model_name_or_path": base_path,
-    }
-    tensors = {canonical_name(k): v for k, v in adapter.tensors.items()}
-    return {NATIVE_CONFIG: config}, tensors
 
 
 # ---------------------------------------------------------------------------------------------- import

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lightning_peft.formats.peft_lora import wraps_parameter
 from lightning_peft.strategies.base import PEFTStrategy, strategy_from_config
 from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.lora import LoRA
@@ -70,24 +71,7 @@ def check_sizes(strategy: PEFTStrategy, tensors: Mapping[str, torch.Tensor], sou
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     for method in _methods(strategy):
         if isinstance(method, LoRA):
-            ranks = {
-                f"{name} {shape}": shape[dim]
-                for name, shape in shapes.items()
-                for ending, dim in _RANK_DIMS
-                if (name == ending or name.endswith("." + ending))
-                and len(shape) > dim
-                # a grouped convolution's B holds r / groups channels per group; A carries r
-                and not (ending.startswith("lora_B") and len(shape) > 2)
-            }
-            if not ranks:
-                problems.append(
-                    f"the config describes LoRA (r={method.r}) but the file holds no lora_A/lora_B"
-                )
-            wrong = [name for name, rank in ranks.items() if rank != method.r]
-            if wrong:
-                problems.append(
-                    f"r={method.r} in the config, but the tensors have another rank: {', '.join(wrong[:4])}"
-                )
+            problems += _lora_rank_problems(method, shapes)
         elif isinstance(method, PromptTuning | PrefixTuning):
             rows = {
                 f"{name} {shape}": shape[0]
@@ -117,6 +101,41 @@ def check_sizes(strategy: PEFTStrategy, tensors: Mapping[str, torch.Tensor], sou
                 )
     if problems:
         raise ValueError(f"{source}: the config does not fit its tensors:\n  - " + "\n  - ".join(problems))
+
+
+def _lora_rank_problems(method: LoRA, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Each LoRA tensor's rank against the config's (``r``, or ``rank_pattern`` for its module), and
+    every ``A`` with its ``B`` (an adapter saved with one of the two is refused, naming it)."""
+    found: dict[str, tuple[int, int]] = {}  # tensor -> (rank in the file, rank the config gives)
+    pairs: dict[str, set[str]] = {}
+    for name, shape in shapes.items():
+        for ending, dim in _RANK_DIMS:
+            if (name == ending or name.endswith("." + ending)) and len(shape) > dim:
+                module = name[: -len(ending)].rstrip(".")
+                pairs.setdefault(module, set()).add(ending.split(".")[0].removeprefix("lora_embedding_")[-1])
+                if ending.startswith("lora_B") and len(shape) > 2:
+                    continue  # a grouped convolution's B holds r / groups channels per group; A carries r
+                expected = method.layer_settings(module.removeprefix("base_model.model."))[0]
+                found[f"{name} {shape}"] = (shape[dim], expected)
+    if not found:
+        return [f"the config describes LoRA (r={method.r}) but the file holds no lora_A/lora_B"]
+    problems = []
+    wrong = [
+        f"{name} (config: {expected})"
+        for name, (rank, expected) in found.items()
+        # a target_parameters stack holds r per expert, r * experts in all
+        if rank != expected
+        and not (wraps_parameter(name.split(" ")[0].rsplit(".lora_", 1)[0], method) and rank % expected == 0)
+    ]
+    if wrong:
+        source = "r/rank_pattern" if method.rank_pattern else f"r={method.r}"
+        problems.append(f"{source} in the config, but the tensors have another rank: {', '.join(wrong[:4])}")
+    halves = sorted(m for m, kinds in pairs.items() if kinds != {"A", "B"})
+    if halves:
+        problems.append(
+            f"LoRA layers with only one of lora_A/lora_B (a BD-LoRA or otherwise partial adapter): {', '.join(halves[:4])}"
+        )
+    return problems
 
 
 def strategy_from_record(record: Any, source: str, field: str) -> PEFTStrategy:

@@ -12,6 +12,8 @@ ours (relative to the adapted model)  peft
 ``<m>.out_proj_lora_A`` / ``_B``      ``<m>.base_layer.out_proj.lora_A.weight`` / ``_B``
                                       (``nn.MultiheadAttention``'s output projection)
 ``<m>.ia3_l``                         the same; conv ``(out, 1, 1, ...)`` as ``(1, out, 1, ...)``
+``<m>.lora_B_bias`` (``lora_bias``)    ``<m>.lora_B.bias``
+``<m>.trainable_tokens_delta``        ``<m>.token_adapter.trainable_tokens_delta``
 ``<m>.trained.<t>`` (modules_to_save) ``<m>.<t>``: the module's own key
 ``prompt_encoder.prompt_embeddings``  ``prompt_embeddings`` (no prefix)
 ``prefix_encoder.prefix`` (or MLP)    ``prompt_embeddings``: the computed prefix
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightning_peft.formats.peft_lora import lora_config, lora_from_peft, unsupported_settings
 from lightning_peft.strategies.base import PEFTStrategy
 from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.freeze import Freeze
@@ -47,10 +50,13 @@ TASK_HEADS = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 _SUFFIXED = ("lora_A", "lora_B")  # nn.Linear / nn.Conv2d submodules in peft: their tensor is ".weight"
-# peft wraps nn.MultiheadAttention's out_proj in a LoRA layer of its own, under the attention's base_layer
-_ATTENTION_OUT = {
+# our parameter leaf -> peft's key ending, for tensors that peft keeps one module deeper (it wraps
+# nn.MultiheadAttention's out_proj in a LoRA layer of its own, under the attention's base_layer)
+_RENAMED_LEAVES = {
     "out_proj_lora_A": "base_layer.out_proj.lora_A.weight",
     "out_proj_lora_B": "base_layer.out_proj.lora_B.weight",
+    "lora_B_bias": "lora_B.bias",
+    "trainable_tokens_delta": "token_adapter.trainable_tokens_delta",
 }
 _PROMPT_TENSORS = (f"{PROMPT_ATTR}.prompt_embeddings", f"{PREFIX_ATTR}.prefix")
 _PREFIX_MLP = f"{PREFIX_ATTR}.prefix_embeddings"
@@ -117,8 +123,8 @@ def peft_name(name: str, method: PEFTStrategy) -> str:
     module, _, leaf = name.rpartition(".")
     if leaf in _SUFFIXED:
         return f"{name}.weight"
-    if leaf in _ATTENTION_OUT:
-        return f"{module}.{_ATTENTION_OUT[leaf]}" if module else _ATTENTION_OUT[leaf]
+    if leaf in _RENAMED_LEAVES:
+        return f"{module}.{_RENAMED_LEAVES[leaf]}" if module else _RENAMED_LEAVES[leaf]
     head, found, rest = name.partition(".trained.")
     if found and matches(head, getattr(method, "modules_to_save", None)):
         return f"{head}.{rest}"
@@ -196,16 +202,7 @@ def peft_config(
         "modules_to_save": modules_to_save or None,
     }
     if isinstance(method, LoRA):
-        config |= {
-            "peft_type": "LORA",
-            "r": method.r,
-            "lora_alpha": _number(method.lora_alpha),
-            "lora_dropout": method.lora_dropout,
-            "target_modules": targets,
-            "bias": method.bias,
-            "fan_in_fan_out": bool(facts.get("fan_in_fan_out", False)),
-        }
-        config |= {key: True for key in ("use_rslora", "use_dora") if getattr(method, key)}
+        config |= lora_config(method, targets, bool(facts.get("fan_in_fan_out", False)))
     elif isinstance(method, IA3):
         config |= {
             "peft_type": "IA3",
@@ -256,7 +253,10 @@ def entries_peft_used(config: dict[str, Any], keys: Iterable[str]) -> dict[str, 
     for field in ("target_modules", "modules_to_save"):
         value = config.get(field)
         if isinstance(value, list | tuple) and paths:
-            narrowed[field] = [e for e in value if any(matches(p, [e]) for p in paths)] or None
+            kept = [e for e in value if any(matches(p, [e]) for p in paths)]
+            narrowed[field] = kept or (
+                [] if field == "target_modules" and config.get("target_parameters") else None
+            )
     return narrowed
 
 
@@ -292,40 +292,15 @@ def _strategy_from_peft_config(config: dict[str, Any], source: str) -> PEFTStrat
             f"{source}: peft_type {kind!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}"
         )
     saved = list(dict.fromkeys(config.get("modules_to_save") or [])) or None
-    unsupported = [
-        f"{key}={config[key]!r}"
-        for key in (
-            "rank_pattern",
-            "alpha_pattern",
-            "use_qalora",
-            "lora_bias",
-            "trainable_token_indices",
-            "target_parameters",
-            "layer_replication",
-        )
-        if config.get(key)
-    ]
-    if kind == "LORA" and config.get("init_lora_weights", True) not in (True, False, "gaussian"):
-        # PiSSA, OLoRA, LoftQ & co. also rewrite the base weights when peft loads them
-        unsupported.append(f"init_lora_weights={config['init_lora_weights']!r}")
+    unsupported = unsupported_settings(config) if kind == "LORA" else []
+    if kind != "LORA":
+        unsupported = [f"{k}={config[k]!r}" for k in ("trainable_token_indices",) if config.get(k)]
     if (config.get("num_transformer_submodules") or 1) != 1:
         unsupported.append("num_transformer_submodules=2 (encoder-decoder prompts)")
     if unsupported:
         raise ValueError(f"{source}: these peft settings are not supported: {', '.join(unsupported)}")
     if kind == "LORA":
-        return LoRA(
-            r=config["r"],
-            lora_alpha=config.get("lora_alpha", 8),
-            lora_dropout=config.get("lora_dropout", 0.0),
-            target_modules=_spec(config.get("target_modules")),
-            exclude_modules=_spec(config.get("exclude_modules")),
-            layers_to_transform=config.get("layers_to_transform"),
-            layers_pattern=config.get("layers_pattern"),
-            modules_to_save=saved,
-            bias=config.get("bias", "none"),
-            use_rslora=bool(config.get("use_rslora", False)),
-            use_dora=bool(config.get("use_dora", False)),
-        )
+        return lora_from_peft(config, saved, _spec)
     if kind == "IA3":
         return IA3(
             target_modules=_spec(config.get("target_modules")),

@@ -8,7 +8,9 @@ model adapted with ``strategy.apply``, one rebuilt from its adapter layers.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from torch import nn
 
 from lightning_peft.formats.checkpoints import CHECKPOINT_KEY, checkpoint_entry, load_checkpoint_file
 from lightning_peft.formats.checks import check_sizes, strategy_from_record
+from lightning_peft.formats.peft_layout import NotInPeftFormat
 from lightning_peft.strategies.base import (
     APPLIED_ATTR,
     DEFAULT_ADAPTER,
@@ -31,10 +34,12 @@ from lightning_peft.strategies.compose import Compose
 from lightning_peft.strategies.freeze import Freeze
 from lightning_peft.strategies.ia3 import IA3, IA3_LAYERS
 from lightning_peft.strategies.lora import LORA_LAYERS, LoRA, LoRAEmbedding, LoRAMultiheadAttention
+from lightning_peft.strategies.lora_init import WEIGHT_INITS, plain_lora_pair, rewrites_base
 from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.named import adapter_names, adapter_state_dict, canonical_name
 from lightning_peft.strategies.prompt import PrefixEncoder, PrefixTuning, PromptEncoder, PromptTuning
 from lightning_peft.strategies.state import clean_name, trainable_state_dict
+from lightning_peft.strategies.trainable_tokens import TrainableTokens
 
 
 @dataclass
@@ -154,7 +159,10 @@ def infer_strategy(model: nn.Module, adapter_name: str) -> PEFTStrategy:
     layers = [(path, m) for path, m in layers if not isinstance(m, ModuleToSave)]
     kinds = sorted({type(m).__name__ for _, m in layers})
     paths = [path for path, _ in layers]
-    if layers and all(isinstance(m, LORA_LAYERS) for _, m in layers):
+    lora_kinds = (*LORA_LAYERS, TrainableTokens)
+    if any(isinstance(m, LORA_LAYERS) for _, m in layers) and all(
+        isinstance(m, lora_kinds) for _, m in layers
+    ):
         strategy: PEFTStrategy = _lora_from_layers(layers, saved, model)
     elif layers and all(isinstance(m, IA3_LAYERS) for _, m in layers):
         feedforward = [path for path, m in layers if m.is_feedforward]
@@ -182,7 +190,11 @@ def infer_strategy(model: nn.Module, adapter_name: str) -> PEFTStrategy:
 
 
 def _lora_from_layers(layers: list[tuple[str, nn.Module]], saved: list[str] | None, model: nn.Module) -> LoRA:
-    settings = {(m.r, m.scaling, hasattr(m, "lora_magnitude_vector")) for _, m in layers}
+    """The LoRA that builds these layers: the most common rank and alpha, and patterns (exact module
+    names) for the layers that differ. Alpha is read as ``scaling * r``, the same scaling as whatever
+    ``lora_alpha``/``use_rslora`` built it."""
+    tokens = {path: m.token_indices.tolist() for path, m in layers if isinstance(m, TrainableTokens)}
+    layers = [(path, m) for path, m in layers if not isinstance(m, TrainableTokens)]
     # embeddings have no dropout (token ids are not dropped), so only the other layers tell
     # (nor attention modules: their update acts through the weights, as in peft)
     dropouts = {
@@ -190,21 +202,33 @@ def _lora_from_layers(layers: list[tuple[str, nn.Module]], saved: list[str] | No
         for _, m in layers
         if not isinstance(m, LoRAEmbedding | LoRAMultiheadAttention)
     }
-    if len(settings) > 1 or len(dropouts) > 1:
+    doras = {hasattr(m, "lora_magnitude_vector") for _, m in layers}
+    if len(doras) > 1 or len(dropouts) > 1:
         raise ValueError(
-            "the LoRA layers differ in rank, scaling, DoRA or dropout; export the model from its "
-            "checkpoint, which records its strategies"
+            "the LoRA layers differ in DoRA or dropout; export the model from its checkpoint, which "
+            "records its strategies"
         )
-    ((r, scaling, dora),) = settings
+    ranks = {path: m.r for path, m in layers}
+    alphas = {path: round(m.scaling * m.r, 6) for path, m in layers}
+    r, alpha = _most_common(ranks), _most_common(alphas)
     return LoRA(
         r=r,
-        lora_alpha=round(scaling * r, 6),  # the same scaling as whatever (lora_alpha, use_rslora) built it
+        lora_alpha=alpha,
         lora_dropout=dropouts.pop() if dropouts else 0.0,
         target_modules=[path for path, _ in layers],
         modules_to_save=saved,
-        use_dora=dora,
+        use_dora=doras.pop(),
         bias=_lora_bias(model, [path for path, _ in layers]),
+        rank_pattern={p: v for p, v in ranks.items() if v != r} or None,
+        alpha_pattern={p: v for p, v in alphas.items() if v != alpha} or None,
+        lora_bias=any(hasattr(m, "lora_B_bias") for _, m in layers),
+        trainable_token_indices=tokens or None,
     )
+
+
+def _most_common(values: dict[str, float]) -> float:
+    counts = Counter(values.values())
+    return max(counts, key=lambda v: (counts[v], -list(values.values()).index(v)))
 
 
 def _lora_bias(model: nn.Module, lora_paths: list[str]) -> str:
@@ -263,3 +287,46 @@ def _with_extra_trainables(strategy: PEFTStrategy, model: nn.Module, adapter_nam
         return strategy
     owners = sorted({canonical_name(n.rpartition(".")[0]) for n in extra})
     return Compose([strategy, Freeze(trainable_modules=owners)])
+
+
+def with_plain_lora(adapter: AdapterSource, method: LoRA) -> AdapterSource:
+    """The adapter as a plain LoRA on the original base weights, when ``method`` started from them
+    (PiSSA, OLoRA; see ``lora_init.py``): each layer's ``(A, B)`` becomes the rank-``2r`` pair
+    ``([A; A₀], [B, -B₀])`` and the config doubles ``r`` and ``lora_alpha`` (``√2`` with rsLoRA), so
+    the scaling stays. Other adapters come back as they are.
+
+    A checkpoint holds no ``A₀``/``B₀``: ``"pissa"`` and ``"olora"`` stay as they are (peft computes the
+    same start from the base model when it loads them); ``"pissa_niter_<k>"`` draws at random, so it
+    raises :class:`~lightning_peft.formats.peft_layout.NotInPeftFormat`.
+    """
+    if not rewrites_base(method.init_lora_weights):
+        return adapter
+    if adapter.model is None:
+        if method.init_lora_weights in WEIGHT_INITS:
+            return adapter
+        raise NotInPeftFormat(
+            f"init_lora_weights={method.init_lora_weights!r} starts from a randomised SVD that peft cannot "
+            "repeat, and a checkpoint does not hold that start; export from the adapted module instead"
+        )
+    tensors = dict(adapter.tensors)
+    for path, layer in adapter.model.named_modules():
+        if hasattr(layer, "lora_A_initial") and f"{clean_name(path)}.lora_A" in tensors:
+            a, b = plain_lora_pair(layer)
+            tensors[f"{clean_name(path)}.lora_A"], tensors[f"{clean_name(path)}.lora_B"] = a.cpu(), b.cpu()
+    factor = 2**0.5 if method.use_rslora else 2.0
+    plain = dataclasses.replace(
+        method,
+        r=2 * method.r,
+        lora_alpha=method.lora_alpha * factor,
+        rank_pattern={k: 2 * v for k, v in method.rank_pattern.items()} if method.rank_pattern else None,
+        alpha_pattern={k: v * factor for k, v in method.alpha_pattern.items()}
+        if method.alpha_pattern
+        else None,
+        init_lora_weights=True,
+    )
+    strategy = adapter.strategy
+    if isinstance(strategy, Compose):
+        strategy = Compose([plain if s is method else s for s in strategy.strategies])
+    else:
+        strategy = plain
+    return dataclasses.replace(adapter, strategy=strategy, tensors=tensors)

@@ -18,6 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.models.pretrained import minilm as default_pretrained  # the name callers know
+from lightning_peft.strategies.loraplus import loraplus_param_groups
+
+
+def _adamw(module: L.LightningModule) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; with ``loraplus_lr_ratio``, LoRA's B matrices learn that
+    many times faster (LoRA+, see ``strategies/loraplus.py``)."""
+    hparams = module.hparams
+    groups = loraplus_param_groups(module, hparams.lr, hparams.weight_decay, hparams.get("loraplus_lr_ratio"))
+    return torch.optim.AdamW(groups, lr=hparams.lr, weight_decay=hparams.weight_decay)
 
 
 def _load(auto_class: str, pretrained: str | None, config: dict[str, Any] | None, **kwargs: Any) -> nn.Module:
@@ -44,6 +53,8 @@ class SequenceClassifier(L.LightningModule):
     virtual tokens in front of the input, so the encoder returns more positions than the mask covers, and
     the real tokens are the last ones (the virtual ones have already acted on them through attention).
 
+    ``loraplus_lr_ratio``: LoRA's ``B`` matrices train at ``lr`` times this (LoRA+); None: one ``lr``.
+
     Example::
 
         module = SequenceClassifier(num_labels=4)   # the shipped MiniLM
@@ -57,6 +68,7 @@ class SequenceClassifier(L.LightningModule):
         config: dict[str, Any] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        loraplus_lr_ratio: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -92,12 +104,13 @@ class SequenceClassifier(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return _adamw(self)
 
 
 class CausalLM(L.LightningModule):
     """A causal language model trained on ``input_ids`` batches (labels = inputs); logs loss and perplexity.
+
+    ``loraplus_lr_ratio``: LoRA's ``B`` matrices train at ``lr`` times this (LoRA+); None: one ``lr``.
 
     Example::
 
@@ -111,6 +124,7 @@ class CausalLM(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         seed: int = 0,
+        loraplus_lr_ratio: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -135,5 +149,4 @@ class CausalLM(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return _adamw(self)

@@ -197,6 +197,7 @@ class PEFTStrategy:
                 module.adapter_name = adapter_name
         freeze_all_but(model, set(adapter_parameter_names(model)) | self.extra_trainable(model))
         require_grad_from_input_embeddings(model)  # only acts while gradient checkpointing is on
+        _record_applied(model, self, adapter_name)
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
@@ -243,6 +244,20 @@ class PEFTStrategy:
     def from_config_dict(cls, config: dict[str, Any]) -> PEFTStrategy:
         """Build the strategy from the ``"config"`` part of :meth:`to_config`."""
         return cls(**config)
+
+
+def _record_applied(model: nn.Module, strategy: PEFTStrategy, adapter_name: str) -> None:
+    """Record the strategy on the model, so that an export writes the fields the user set (not ones
+    guessed from the layers). A second, different strategy on the same model drops the record: one
+    config no longer describes the model, and the export reads its layers instead."""
+    if adapter_name != DEFAULT_ADAPTER:
+        return
+    config = strategy.to_config()
+    recorded = model.__dict__.get(APPLIED_ATTR)
+    if recorded is None:
+        object.__setattr__(model, APPLIED_ATTR, config)
+    elif recorded != config:
+        object.__delattr__(model, APPLIED_ATTR)
 
 
 # classes that moved or were renamed since 0.1.0: checkpoints and adapter folders written before still load

@@ -7,6 +7,8 @@ layers (``lora_linear.py``, ``lora_embedding.py``, ``lora_conv.py``, ``lora_mha.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,9 +23,11 @@ from lightning_peft.strategies.lora_conv import (
     LoRAConv3d,
 )
 from lightning_peft.strategies.lora_embedding import LoRAEmbedding
+from lightning_peft.strategies.lora_init import initialise_from_base, rewrites_base
 from lightning_peft.strategies.lora_layers import InitLoRA
 from lightning_peft.strategies.lora_linear import LoRALinear
 from lightning_peft.strategies.lora_mha import LoRAMultiheadAttention
+from lightning_peft.strategies.lora_parameters import LoRAParameter, parameter_targets
 from lightning_peft.strategies.modules_to_save import (
     frozen_copy_prefixes,
     select_modules_to_save,
@@ -35,11 +39,17 @@ from lightning_peft.strategies.targeting import (
     check_spec,
     find_targets,
     inner_layer,
+    is_conv1d,
     linear_types,
     matches,
     model_type,
     replace_module,
     validation_error,
+)
+from lightning_peft.strategies.trainable_tokens import (
+    add_trainable_tokens,
+    token_index_problems,
+    token_targets,
 )
 
 __all__ = [
@@ -100,8 +110,22 @@ class LoRA(PEFTStrategy):
         use_rslora: rank-stabilised scaling.
         use_dora: weight-decomposed LoRA (linear, embedding and convolution layers; not grouped
             convolutions or ``nn.MultiheadAttention``).
-        init_lora_weights: ``True`` (B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), or ``False``
-            (both random: not an identity, for tests).
+        init_lora_weights: ``True`` (B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``False``
+            (both random: not an identity, for tests), or one that starts from the base weight and
+            rewrites it (``nn.Linear`` layers): ``"pissa"``, ``"pissa_niter_<k>"`` or ``"olora"``
+            (see ``lora_init.py``; an export turns such an adapter into a plain LoRA of rank ``2r``).
+        rank_pattern: per-module ranks, ``{pattern: r}``; a module takes the first pattern that
+            matches the end of its name as a regex (peft's rule: ``(.*\.)?pattern$``), else ``r``.
+        alpha_pattern: per-module ``lora_alpha`` in the same way.
+        lora_bias: ``B`` gets a trainable bias too (linear and convolution layers; not with DoRA).
+            Merging adds it to the base layer's bias, so that layer must have one.
+        trainable_token_indices: rows of the input embedding that train whole (new special tokens),
+            the rest stays frozen: a list of token ids for the model's input embedding, or
+            ``{module name: ids}``. The embedding's weight must not be tied to an output head.
+        target_parameters: ``nn.Parameter`` weights to adapt by name (or name ending), e.g.
+            ``["experts.gate_up_proj", "experts.down_proj"]``: 2-D weights, or 3-D expert stacks with
+            one update per expert (see ``lora_parameters.py``); set ``target_modules=[]`` to adapt
+            only these. No dropout, DoRA or ``lora_bias`` there (as peft).
         share_dropout_mask: with ``lora_dropout``, layers that read the same tensor (q, k and v; gate
             and up) use one mask instead of one each. It trades the method's semantics for speed and
             memory: one draw instead of three, and backward keeps one packed mask per input instead
@@ -128,9 +152,16 @@ class LoRA(PEFTStrategy):
     use_dora: bool = False
     init_lora_weights: bool | Literal["gaussian"] = True
     share_dropout_mask: bool = False
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         plain_lists(self)
+        for name in ("rank_pattern", "alpha_pattern", "trainable_token_indices"):
+            setattr(self, name, _plain(getattr(self, name)))  # Hydra passes DictConfig/ListConfig
         validation_error(type(self).__name__, self._problems())
 
     def _problems(self) -> list[str]:
@@ -148,10 +179,14 @@ class LoRA(PEFTStrategy):
             check_spec(name, getattr(self, name), problems)
         if self.bias not in ("none", "all", "lora_only"):
             problems.append(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, "gaussian") and not rewrites_base(
+            self.init_lora_weights
+        ):
             problems.append(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+                "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora', "
+                f"got {self.init_lora_weights!r}"
             )
+        problems += self._new_field_problems()
         if not isinstance(self.share_dropout_mask, bool):
             problems.append(f"share_dropout_mask must be True or False, got {self.share_dropout_mask!r}")
         layers = self.layers_to_transform
@@ -161,9 +196,62 @@ class LoRA(PEFTStrategy):
             problems.append(f"layers_to_transform must be an int or a list of ints, got {layers!r}")
         return problems
 
+    def _new_field_problems(self) -> list[str]:
+        problems = []
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", int | float)):
+            pattern = getattr(self, name)
+            if pattern is None:
+                continue
+            if not isinstance(pattern, dict):
+                problems.append(f"{name} must be a dict {{module pattern: value}}, got {pattern!r}")
+                continue
+            for key, value in pattern.items():
+                if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+                    problems.append(
+                        f"{name}[{key!r}] must be a positive {kind.__name__ if kind is int else 'number'}, got {value!r}"
+                    )
+                try:
+                    re.compile(key)
+                except re.error as err:
+                    problems.append(f"{name} key {key!r} is not a valid regex: {err}")
+        if not isinstance(self.lora_bias, bool):
+            problems.append(f"lora_bias must be True or False, got {self.lora_bias!r}")
+        elif self.lora_bias and (self.use_dora or self.init_lora_weights not in (True, False)):
+            problems.append(
+                "lora_bias=True needs use_dora=False and init_lora_weights True or False (as in peft)"
+            )
+        problems += token_index_problems(self.trainable_token_indices)
+        params = self.target_parameters
+        if params is not None:
+            if not (
+                isinstance(params, list) and params and all(isinstance(e, str) and "." in e for e in params)
+            ):
+                problems.append(
+                    "target_parameters must be a non-empty list of '<module>.<parameter>' names (e.g. "
+                    f"'experts.gate_up_proj'), got {params!r}"
+                )
+            elif self.lora_dropout or self.use_dora or self.lora_bias:
+                problems.append(
+                    "target_parameters needs lora_dropout=0, use_dora=False and lora_bias=False (as peft)"
+                )
+        elif self.target_modules == []:
+            problems.append(
+                "target_modules=[] adapts nothing: name modules, or parameters in target_parameters"
+            )
+        return problems
+
+    def layer_settings(self, name: str) -> tuple[int, float]:
+        """``(r, lora_alpha)`` of the module ``name``: from ``rank_pattern``/``alpha_pattern``, else the defaults."""
+        return (
+            pattern_value(self.rank_pattern, name, self.r),
+            pattern_value(self.alpha_pattern, name, self.lora_alpha),
+        )
+
     def _checked_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The modules to adapt; raises before anything changes if the config does not fit ``model``."""
         owner = type(self).__name__
+        if self.target_modules == []:  # only parameters (target_parameters) are adapted
+            return []
         # one error for every misspelled entry, before the checks below raise for one field each
         fields = ("target_modules", "exclude_modules", "modules_to_save")
         check_entries(model, owner, {field: getattr(self, field) for field in fields})
@@ -213,43 +301,87 @@ class LoRA(PEFTStrategy):
             kind = type(module).__name__
             if module.padding_mode != "zeros":
                 problems.append(f"{name!r}: LoRA supports {kind} with padding_mode='zeros'")
-            if module.groups > 1 and self.r % module.groups:
+            r = self.layer_settings(name)[0]
+            if module.groups > 1 and r % module.groups:
                 problems.append(
-                    f"{name!r} is a {kind} with groups={module.groups}: r must be a multiple of it, got r={self.r}"
+                    f"{name!r} is a {kind} with groups={module.groups}: r must be a multiple of it, got r={r}"
                 )
             if module.groups > 1 and self.use_dora:
                 problems.append(f"{name!r} is a {kind} with groups={module.groups}; use_dora needs groups=1")
+        if self.lora_bias and isinstance(module, nn.Embedding | nn.MultiheadAttention):
+            problems.append(
+                f"{name!r} is an {type(module).__name__}; lora_bias supports linear and convolution layers (as peft)"
+            )
+        if rewrites_base(self.init_lora_weights) and not _rewritable(module, self.init_lora_weights):
+            problems.append(
+                f"{name!r} is a {type(module).__name__}; init_lora_weights={self.init_lora_weights!r} "
+                "rewrites loaded (not meta) dense nn.Linear weights, and GPT-2 Conv1D ones for PiSSA"
+            )
         return problems
 
     def inject(self, model: nn.Module) -> None:
         # everything is checked before the model is touched: a bad config leaves it as it was
         targets = self._checked_targets(model)
+        tokens = token_targets(model, self.trainable_token_indices, self.modules_to_save, type(self).__name__)
+        chosen = self._checked_parameters(model)
+        both = sorted({n for n, _ in targets} & {n for n, _, _ in tokens})
+        validation_error(
+            type(self).__name__, [f"{n!r} is a LoRA target and in trainable_token_indices" for n in both]
+        )
         wrap_modules_to_save(model, self.modules_to_save, type(self).__name__)
-        common = {"r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora}
-        common["init_lora_weights"] = self.init_lora_weights
         kept = DORA_KEPT_OUTPUTS.get(model_type(model) or "") if self.use_dora else None
         kept_names = sorted(kept) if kept is not None else None
         for name, module in targets:
-            # the layer's kind is that of the original layer, also below other named adapters
-            layer = inner_layer(module)
-            if isinstance(layer, nn.Embedding):
-                new: nn.Module = LoRAEmbedding(module, use_dora=self.use_dora, **common)
-            elif isinstance(layer, nn.MultiheadAttention):
-                new = LoRAMultiheadAttention(module, **common)
-            elif isinstance(layer, tuple(LORA_CONV_LAYERS)):
-                kind = next(c for t, c in LORA_CONV_LAYERS.items() if isinstance(layer, t))
-                new = kind(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
-            else:
-                new = LoRALinear(
-                    module,
-                    lora_dropout=self.lora_dropout,
-                    use_dora=self.use_dora,
-                    share_dropout_mask=self.share_dropout_mask,
-                    **common,
-                )
-                if kept_names is not None:
-                    new.dora_saves_output = matches(name, kept_names)
+            new = self._lora_layer(name, module)
+            if kept_names is not None and isinstance(new, LoRALinear):
+                new.dora_saves_output = matches(name, kept_names)
+            if self.lora_bias:
+                new.add_lora_bias()
+            if rewrites_base(self.init_lora_weights):
+                initialise_from_base(new, self.init_lora_weights)
             replace_module(model, name, new)
+        add_trainable_tokens(model, tokens)
+        self._wrap_parameters(model, chosen)
+
+    def _checked_parameters(self, model: nn.Module) -> list[tuple[str, str, str]]:
+        if not self.target_parameters:
+            return []
+        chosen = parameter_targets(model, self.target_parameters)
+        unused = [e for e in self.target_parameters if not any(e == entry for _, _, entry in chosen)]
+        validation_error(
+            type(self).__name__,
+            [f"target_parameters: {e!r} matches no parameter of the model" for e in unused],
+        )
+        return chosen
+
+    def _wrap_parameters(self, model: nn.Module, chosen: list[tuple[str, str, str]]) -> None:
+        for module_name, param_name, _ in chosen:  # a second parameter of a module wraps the first wrapper
+            r, alpha = self.layer_settings(f"{module_name}.{param_name}")
+            wrapper = LoRAParameter(model.get_submodule(module_name), param_name, r, alpha, self.use_rslora)
+            replace_module(model, module_name, wrapper)
+
+    def _lora_layer(self, name: str, module: nn.Module) -> nn.Module:
+        """The LoRA layer around ``module``, with that module's rank and alpha."""
+        r, alpha = self.layer_settings(name)
+        # a base-rewriting init starts from B = 0 here; initialise_from_base sets A and B afterwards
+        init = True if rewrites_base(self.init_lora_weights) else self.init_lora_weights
+        common = {"r": r, "lora_alpha": alpha, "use_rslora": self.use_rslora, "init_lora_weights": init}
+        # the layer's kind is that of the original layer, also below other named adapters
+        layer = inner_layer(module)
+        if isinstance(layer, nn.Embedding):
+            return LoRAEmbedding(module, use_dora=self.use_dora, **common)
+        if isinstance(layer, nn.MultiheadAttention):
+            return LoRAMultiheadAttention(module, **common)
+        if isinstance(layer, tuple(LORA_CONV_LAYERS)):
+            kind = next(c for t, c in LORA_CONV_LAYERS.items() if isinstance(layer, t))
+            return kind(module, lora_dropout=self.lora_dropout, use_dora=self.use_dora, **common)
+        return LoRALinear(
+            module,
+            lora_dropout=self.lora_dropout,
+            use_dora=self.use_dora,
+            share_dropout_mask=self.share_dropout_mask,
+            **common,
+        )
 
     def extra_trainable(self, model: nn.Module) -> set[str]:
         if self.bias == "lora_only":
@@ -270,3 +402,28 @@ class LoRA(PEFTStrategy):
                 if name.rsplit(".", 1)[-1] == "bias" and not any(name.startswith(c) for c in frozen_copies)
             }
         return set()
+
+
+def _rewritable(module: nn.Module, init: str) -> bool:
+    """Whether a base-rewriting ``init`` can start from ``module``'s weight (peft's OLoRA has no
+    transposed-weight form for ``Conv1D``, so neither has ours)."""
+    dense = type(module) is nn.Linear or (is_conv1d(module) and init != "olora")
+    return dense and module.weight.is_floating_point() and module.weight.device.type != "meta"
+
+
+def _plain(value: object) -> object:
+    """Mappings and sequences (Hydra's DictConfig and ListConfig too) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [_plain(v) for v in value]
+    return value
+
+
+def pattern_value(pattern: dict[str, float] | None, name: str, default: float) -> float:
+    """The value of the first key of ``pattern`` that matches the end of module ``name`` as a regex
+    (a whole dotted part onwards, as peft matches ``rank_pattern``), else ``default``."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default

@@ -117,6 +117,8 @@ class LoRABase(nn.Module):
         if hasattr(self, "lora_magnitude_vector"):
             norm = self.base_weight().float().flatten(1).norm(dim=1)
             self.lora_magnitude_vector.copy_(norm)
+        if getattr(self, "lora_B_bias", None) is not None:
+            self.lora_B_bias.zero_()
 
     def adapter_pair(self) -> tuple[nn.Parameter, nn.Parameter]:
         """``(A, B)``: the down- and up-projection."""
@@ -190,6 +192,11 @@ class LoRABase(nn.Module):
         if self.merged:
             return
         self._check_merge_order()
+        if getattr(self, "lora_B_bias", None) is not None and self.bias is None:
+            raise ValueError(
+                f"cannot merge adapter {adapter_name_of(self)!r}: it has lora_bias=True but its base layer "
+                "has no bias to fold it into"
+            )
         if quantized_kind(self.inner_layer()) is not None:
             self._dequantize_base()
         weight = self.base_weight()
@@ -208,6 +215,7 @@ class LoRABase(nn.Module):
                 f"merging {type(self).__name__} gives non-finite weights; the adapter is left unmerged"
             )
         weight.copy_(new)
+        self._fold_lora_bias(1.0)
         self.merged = True
         merged_stack(self).append(self)
 
@@ -228,6 +236,7 @@ class LoRABase(nn.Module):
             weight.copy_(weight / gain.view(-1, *[1] * (weight.dim() - 1)) - delta)
         else:
             weight.sub_(delta)
+        self._fold_lora_bias(-1.0)
         self._pop_merged()
 
     def _check_merge_order(self) -> None:
@@ -259,6 +268,26 @@ class LoRABase(nn.Module):
         stack = merged_stack(self)
         if self in stack:
             stack.remove(self)
+
+    def add_lora_bias(self) -> None:
+        """Give ``B`` a trainable bias (peft's ``lora_bias``), zero at first: the update becomes
+        ``s · (B A dropout(x) + b_B)``. Linear and convolution layers; merging adds ``s · b_B`` to the
+        base bias."""
+        out = self.lora_B.shape[0]
+        self.lora_B_bias = nn.Parameter(torch.zeros(out, device=self.lora_B.device, dtype=self.lora_B.dtype))
+        self._forward_unbiased = self.forward
+        self.forward = self._forward_lora_bias  # decided once, not per call
+
+    def _forward_lora_bias(self, x: torch.Tensor) -> torch.Tensor:
+        result = self._forward_unbiased(x)
+        if self.merged or not self.enabled:
+            return result
+        bias = (self.lora_B_bias * self.scaling).to(result.dtype)
+        return result + bias.view(-1, *[1] * (self.lora_B.dim() - 2))  # conv outputs: (N, out, ...)
+
+    def _fold_lora_bias(self, sign: float) -> None:
+        if getattr(self, "lora_B_bias", None) is not None:
+            self.bias.add_(sign * self.scaling * self.lora_B_bias.to(self.bias.dtype))
 
     def _dequantize_base(self) -> None:
         quantized = self.inner_layer()

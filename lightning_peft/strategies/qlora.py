@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_peft.strategies.base import PEFTLayer
 from lightning_peft.strategies.lora import LoRA
+from lightning_peft.strategies.lora_init import rewrites_base
 from lightning_peft.strategies.modules_to_save import select_modules_to_save
 from lightning_peft.strategies.quantized import quantized_kind
 from lightning_peft.strategies.targeting import (
@@ -216,6 +217,11 @@ class QLoRA(LoRA):
         if self.quantize_modules is None:
             problems.append("quantize_modules is required: a regex, a list of names, or 'all-linear'")
         check_spec("quantize_modules", self.quantize_modules, problems)
+        if rewrites_base(self.init_lora_weights):
+            problems.append(
+                f"init_lora_weights={self.init_lora_weights!r} rewrites dense base weights; QLoRA quantizes them "
+                "(start from LoRA with it, or use init_lora_weights=True)"
+            )
         return problems
 
     def inject(self, model: nn.Module) -> None:
