@@ -24,19 +24,12 @@ from lightning_peft.formats.export_files import (
     adapter_files,
     export_facts,
 )
-from lightning_peft.formats.files import (
-    copy_tokenizer,
-    read_json,
-    read_safetensors,
-    read_weights,
-    staged_directory,
-    write_json,
-    write_safetensors,
-)
+from lightning_peft.formats.files import copy_tokenizer, read_json, staged_directory, write_json
 from lightning_peft.formats.source import (
     source_from_checkpoint,
     source_from_module,
 )
+from lightning_peft.formats.tensor_files import read_safetensors, read_weights, write_safetensors
 from lightning_peft.strategies.base import APPLIED_ATTR, PEFTStrategy
 from lightning_peft.strategies.named import (
     adapter_state_dict,

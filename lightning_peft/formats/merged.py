@@ -12,8 +12,9 @@ from torch import nn
 
 from lightning_peft.formats.adapter import ExportResult, Progress
 from lightning_peft.formats.checks import check_finite
-from lightning_peft.formats.files import copy_tokenizer, read_json, staged_directory, write_safetensors
+from lightning_peft.formats.files import copy_tokenizer, read_json, staged_directory
 from lightning_peft.formats.source import adapted_module, source_from_checkpoint
+from lightning_peft.formats.tensor_files import write_safetensors
 from lightning_peft.strategies.base import APPLIED_ATTR, MergeableLayer, PEFTStrategy, adapter_modules
 from lightning_peft.strategies.modules_to_save import ModuleToSave
 from lightning_peft.strategies.quantized import dequantized_linear, quantized_kind

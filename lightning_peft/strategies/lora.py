@@ -7,8 +7,6 @@ layers (``lora_linear.py``, ``lora_embedding.py``, ``lora_conv.py``, ``lora_mha.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +21,7 @@ from lightning_peft.strategies.lora_conv import (
     LoRAConv3d,
 )
 from lightning_peft.strategies.lora_embedding import LoRAEmbedding
+from lightning_peft.strategies.lora_fields import field_problems, pattern_value, plain
 from lightning_peft.strategies.lora_init import initialise_from_base, rewrites_base
 from lightning_peft.strategies.lora_layers import InitLoRA
 from lightning_peft.strategies.lora_linear import LoRALinear
@@ -48,7 +47,6 @@ from lightning_peft.strategies.targeting import (
 )
 from lightning_peft.strategies.trainable_tokens import (
     add_trainable_tokens,
-    token_index_problems,
     token_targets,
 )
 
@@ -161,7 +159,7 @@ class LoRA(PEFTStrategy):
     def __post_init__(self) -> None:
         plain_lists(self)
         for name in ("rank_pattern", "alpha_pattern", "trainable_token_indices"):
-            setattr(self, name, _plain(getattr(self, name)))  # Hydra passes DictConfig/ListConfig
+            setattr(self, name, plain(getattr(self, name)))  # Hydra passes DictConfig/ListConfig
         validation_error(type(self).__name__, self._problems())
 
     def _problems(self) -> list[str]:
@@ -186,7 +184,7 @@ class LoRA(PEFTStrategy):
                 "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora', "
                 f"got {self.init_lora_weights!r}"
             )
-        problems += self._new_field_problems()
+        problems += field_problems(self)
         if not isinstance(self.share_dropout_mask, bool):
             problems.append(f"share_dropout_mask must be True or False, got {self.share_dropout_mask!r}")
         layers = self.layers_to_transform
@@ -194,50 +192,6 @@ class LoRA(PEFTStrategy):
             isinstance(layers, int) or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
         ):
             problems.append(f"layers_to_transform must be an int or a list of ints, got {layers!r}")
-        return problems
-
-    def _new_field_problems(self) -> list[str]:
-        problems = []
-        for name, kind in (("rank_pattern", int), ("alpha_pattern", int | float)):
-            pattern = getattr(self, name)
-            if pattern is None:
-                continue
-            if not isinstance(pattern, dict):
-                problems.append(f"{name} must be a dict {{module pattern: value}}, got {pattern!r}")
-                continue
-            for key, value in pattern.items():
-                if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-                    problems.append(
-                        f"{name}[{key!r}] must be a positive {kind.__name__ if kind is int else 'number'}, got {value!r}"
-                    )
-                try:
-                    re.compile(key)
-                except re.error as err:
-                    problems.append(f"{name} key {key!r} is not a valid regex: {err}")
-        if not isinstance(self.lora_bias, bool):
-            problems.append(f"lora_bias must be True or False, got {self.lora_bias!r}")
-        elif self.lora_bias and (self.use_dora or self.init_lora_weights not in (True, False)):
-            problems.append(
-                "lora_bias=True needs use_dora=False and init_lora_weights True or False (as in peft)"
-            )
-        problems += token_index_problems(self.trainable_token_indices)
-        params = self.target_parameters
-        if params is not None:
-            if not (
-                isinstance(params, list) and params and all(isinstance(e, str) and "." in e for e in params)
-            ):
-                problems.append(
-                    "target_parameters must be a non-empty list of '<module>.<parameter>' names (e.g. "
-                    f"'experts.gate_up_proj'), got {params!r}"
-                )
-            elif self.lora_dropout or self.use_dora or self.lora_bias:
-                problems.append(
-                    "target_parameters needs lora_dropout=0, use_dora=False and lora_bias=False (as peft)"
-                )
-        elif self.target_modules == []:
-            problems.append(
-                "target_modules=[] adapts nothing: name modules, or parameters in target_parameters"
-            )
         return problems
 
     def layer_settings(self, name: str) -> tuple[int, float]:
@@ -409,21 +363,3 @@ def _rewritable(module: nn.Module, init: str) -> bool:
     transposed-weight form for ``Conv1D``, so neither has ours)."""
     dense = type(module) is nn.Linear or (is_conv1d(module) and init != "olora")
     return dense and module.weight.is_floating_point() and module.weight.device.type != "meta"
-
-
-def _plain(value: object) -> object:
-    """Mappings and sequences (Hydra's DictConfig and ListConfig too) as plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
-        return [_plain(v) for v in value]
-    return value
-
-
-def pattern_value(pattern: dict[str, float] | None, name: str, default: float) -> float:
-    """The value of the first key of ``pattern`` that matches the end of module ``name`` as a regex
-    (a whole dotted part onwards, as peft matches ``rank_pattern``), else ``default``."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default

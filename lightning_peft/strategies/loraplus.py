@@ -14,10 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from lightning_peft.strategies.lora_layers import LORA_LAYERS
+from lightning_peft.strategies.lora_layers import LoRABase
 from lightning_peft.strategies.lora_parameters import LoRAParameter
 
-B_PARAMETERS = ("lora_B", "lora_embedding_B", "lora_B_bias")
+# the up-projections of every LoRA layer kind (attention has a second pair for its output projection)
+B_PARAMETERS = ("lora_B", "lora_embedding_B", "lora_B_bias", "out_proj_lora_B")
 
 
 def loraplus_param_groups(
@@ -43,7 +44,7 @@ def loraplus_param_groups(
     if loraplus_lr_ratio is not None:
         for module in model.modules():
             if isinstance(
-                module, (*LORA_LAYERS, LoRAParameter)
+                module, (LoRABase, LoRAParameter)
             ):  # found by the adapter's type, not by parameter names
                 fast_ids.update(id(getattr(module, n)) for n in B_PARAMETERS if hasattr(module, n))
     slow = [p for p in trainable if id(p) not in fast_ids]

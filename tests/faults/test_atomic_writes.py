@@ -17,7 +17,7 @@ import torch
 
 from lightning_peft.callbacks.checkpoint import AtomicCheckpointIO
 from lightning_peft.formats.checkpoints import verify_zip
-from lightning_peft.formats.files import read_safetensors
+from lightning_peft.formats.tensor_files import read_safetensors
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
 
@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 import torch
 from lightning_peft.callbacks.checkpoint import AtomicCheckpointIO
-from lightning_peft.formats.files import write_json, write_safetensors
+from lightning_peft.formats.files import write_json
+from lightning_peft.formats.tensor_files import write_safetensors
 from lightning_peft.cli.curves import write_curves
 
 out = Path(sys.argv[1])

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from lightning_peft import export_adapter, load_adapter, load_from_checkpoint
 from lightning_peft.callbacks.checkpoint import AtomicCheckpointIO
-from lightning_peft.formats.files import CHECKSUM_KEY, read_safetensors
+from lightning_peft.formats.tensor_files import CHECKSUM_KEY, read_safetensors
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
 

@@ -18,7 +18,7 @@ from helpers import lora, tiny_llama, write_checkpoint
 
 from lightning_peft import export_adapter
 from lightning_peft.cli.main import main as cli
-from lightning_peft.formats.files import read_safetensors
+from lightning_peft.formats.tensor_files import read_safetensors
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
 

@@ -16,7 +16,8 @@ from helpers import TINY, Holder, lora, tiny_llama, write_checkpoint
 from lightning_peft import PEFT, LoRA, export_adapter, export_merged, load_adapter, load_from_checkpoint
 from lightning_peft.cli.curves import write_curves
 from lightning_peft.formats import merge_and_unwrap
-from lightning_peft.formats.files import json_text, read_safetensors
+from lightning_peft.formats.files import json_text
+from lightning_peft.formats.tensor_files import read_safetensors
 from lightning_peft.models.tasks import CausalLM
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # tiny random models make transformers and Lightning warn
