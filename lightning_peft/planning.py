@@ -217,6 +217,32 @@ def _quantized_layers(model: nn.Module) -> list[nn.Linear]:
     ]
 
 
+def _meta_model(
+    config: Any,
+    auto_class: str,
+    dtype: torch.dtype,
+    method: str,
+    strategy: PEFTStrategy | None,
+    gradient_checkpointing: bool,
+) -> nn.Module:
+    """The model on the meta device, with ``strategy`` applied (every weight trains without one)."""
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, auto_class).from_config(model_config(config)).to(dtype)
+    if strategy is None:
+        model.requires_grad_(True)
+    else:
+        strategy.apply(model)
+    if method == "qlora":  # QLoRA trains its adapters in float32 over an integer base (see qlora.py)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if gradient_checkpointing:
+        enable_checkpointing(model, use_reentrant=False)
+    return model.train()
+
+
 def plan(
     config: Any,
     method: Method = "lora",
@@ -247,8 +273,6 @@ def plan(
         gradient_checkpointing: plan with transformers' gradient checkpointing turned on.
         auto_class: the ``transformers`` auto class that builds the model.
     """
-    import transformers
-
     problems = []
     if method not in METHODS:
         problems.append(f"method={method!r}: choose one of {', '.join(METHODS)}")
@@ -259,22 +283,9 @@ def plan(
     if problems:
         raise ValueError("plan: " + "; ".join(problems))
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    built_config = model_config(config)
-    with torch.device("meta"):
-        model = getattr(transformers, auto_class).from_config(built_config).to(dtype)
-    chosen = _strategy(method, strategy, r)
-    if chosen is None:
-        model.requires_grad_(True)
-    else:
-        chosen.apply(model)
-    if method == "qlora":  # QLoRA trains its adapters in float32 over an integer base (see qlora.py)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    if gradient_checkpointing:
-        enable_checkpointing(model, use_reentrant=False)
-    model.train()
-
+    model = _meta_model(
+        config, auto_class, dtype, method, _strategy(method, strategy, r), gradient_checkpointing
+    )
     tensors = [*model.parameters(), *model.buffers()]
     trainable = [p for p in model.parameters() if p.requires_grad]
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors)

@@ -105,3 +105,20 @@ def test_each_part_imports_only_its_own_layer_and_those_below():
 def test_no_file_outside_the_repository_is_referred_to():
     text = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     assert "DESIGN.md" not in text and "STYLE.md" not in text and "shared/" not in text
+
+
+def test_files_and_functions_stay_small():
+    """Every module under about 400 lines and every function under about 60 (docstring included)."""
+    long_files, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        if len(source.splitlines()) > 420:
+            long_files.append(f"{path.relative_to(PACKAGE)}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 70:
+                    long_functions.append(
+                        f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {length} lines"
+                    )
+    assert not long_files and not long_functions, "\n".join(long_files + long_functions)

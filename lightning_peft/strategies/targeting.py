@@ -302,25 +302,33 @@ def find_targets(
             f"{owner}: target_modules={target_modules!r} matched no module{why}. "
             f"Modules in this model: {describe_modules(candidates)}"
         )
-    problems = []
-    for name, module in selected:
-        if name in skip:
-            continue  # the caller says why these cannot be targeted (e.g. trained whole already)
-        if isinstance(module, PEFTLayer) and _STACKING.get():
-            if not isinstance(inner_layer(module), supported):
-                names = ", ".join(t.__name__ for t in supported)
-                problems.append(
-                    f"{name!r} wraps a {type(inner_layer(module)).__name__}; {owner} supports {names}"
-                )
-        elif isinstance(module, PEFTLayer):
-            problems.append(
-                f"{name!r} already carries an adapter ({type(module).__name__}); apply a strategy once"
-            )
-        elif not isinstance(module, supported):
-            names = ", ".join(t.__name__ for t in supported)
-            problems.append(f"{name!r} is a {type(module).__name__}; {owner} supports {names}")
+    problems = [
+        p
+        for name, module in selected
+        if name not in skip
+        for p in _kind_problems(name, module, owner, supported)
+    ]
     validation_error(owner, problems)
     return selected
+
+
+def _kind_problems(
+    name: str, module: nn.Module, owner: str, supported: tuple[type[nn.Module], ...]
+) -> list[str]:
+    """Why ``owner`` cannot adapt the selected ``module`` (``[]`` if it can)."""
+    names = ", ".join(t.__name__ for t in supported)
+    if isinstance(module, PEFTLayer) and _STACKING.get():
+        inner = inner_layer(module)
+        return (
+            []
+            if isinstance(inner, supported)
+            else [f"{name!r} wraps a {type(inner).__name__}; {owner} supports {names}"]
+        )
+    if isinstance(module, PEFTLayer):
+        return [f"{name!r} already carries an adapter ({type(module).__name__}); apply a strategy once"]
+    if not isinstance(module, supported):
+        return [f"{name!r} is a {type(module).__name__}; {owner} supports {names}"]
+    return []
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
