@@ -250,3 +250,41 @@ def test_a_few_lora_steps_teach_the_held_out_format_that_the_base_model_misses(f
     assert trainer.callback_metrics["heldout/after/exact_match"] == after["exact_match"]
     lines = [json.loads(line) for line in (tmp_path / "heldout_samples.jsonl").read_text().splitlines()]
     assert [line["moment"] for line in lines] == ["before"] * 8 + ["after"] * 8
+
+
+def test_the_evaluation_callback_generates_batched_prompts_as_each_alone(folder, tmp_path):
+    """Evaluation goes through the shared generate(): left-padded, batched prompts with an attention mask
+    answer as transformers answers each prompt alone."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+    from transformers import AutoTokenizer
+
+    from lightning_peft import Evaluation
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = _model(folder)
+    prompts = ["The capital of France is", PROMPT, "Write the numbers one, two,"]
+
+    class Holder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", torch.tensor(0.0))
+
+    evaluation = Evaluation(
+        metrics=[], module="model", prompts=prompts, references=["Paris."] * 3, tokenizer=tokenizer,
+        max_new_tokens=8, batch_size=3, samples_file="samples.jsonl", num_samples=3,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        callbacks=[evaluation], logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    trainer.validate(Holder(), DataLoader([{"x": torch.zeros(1)}], batch_size=None), verbose=False)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    alone = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        alone.append(tokenizer.decode(_greedy(model, ids, 8), skip_special_tokens=True).strip())
+    assert [s["generated"] for s in samples] == alone
+    assert len(set(alone)) == 3
