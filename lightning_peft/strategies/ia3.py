@@ -128,37 +128,15 @@ class IA3Linear(nn.Module):
         if not weight.is_floating_point():
             raise TypeError(f"cannot merge into a {weight.dtype} base weight; dequantize it first")
         scale = self.ia3_l.to(weight.dtype)  # (out, 1) or (1, in): broadcasts over (out, in)
-        new_weight = weight * scale
-        scale_bias = bias is not None and not self.is_feedforward
-        new_bias = bias * scale.view(-1) if scale_bias else None
-        finite = torch.isfinite(new_weight).all() and (new_bias is None or torch.isfinite(new_bias).all())
-        if not finite:
-            raise ValueError("merging IA3Linear gives non-finite weights; the adapter is left unmerged")
-        weight.copy_(new_weight)
-        if new_bias is not None:
-            bias.copy_(new_bias)
-        self.merged = True
-        merged_stack(self).append(self)  # the order PEFTStrategy.unmerge reverses
+        _fold_scale(self, weight, scale, None if self.is_feedforward else bias)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Divide ``l`` back out (exact up to float rounding); refuses when ``l`` holds a zero."""
         if not self.merged:
             return
-        if not bool((self.ia3_l != 0).all()):
-            raise ValueError(
-                "cannot unmerge IA3Linear: its scaling vector holds zeros, so the merged weight lost "
-                "those rows or columns; reload the base weights instead"
-            )
         weight, bias = self.base_weight(), self.base_layer.bias
-        scale = self.ia3_l.to(weight.dtype)
-        weight.div_(scale)
-        if bias is not None and not self.is_feedforward:
-            bias.div_(scale.view(-1))
-        self.merged = False
-        stack = merged_stack(self)
-        if self in stack:
-            stack.remove(self)
+        _unfold_scale(self, weight, self.ia3_l.to(weight.dtype), None if self.is_feedforward else bias)
 
 
 class IA3Conv(nn.Module):
@@ -216,38 +194,55 @@ class IA3Conv(nn.Module):
         if self.merged:
             return
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        scale = self._weight_scale().to(weight.dtype)
-        new_weight = weight * scale
-        new_bias = (
-            bias * self.ia3_l.view(-1).to(bias.dtype)
-            if bias is not None and not self.is_feedforward
-            else None
+        _fold_scale(
+            self, weight, self._weight_scale().to(weight.dtype), None if self.is_feedforward else bias
         )
-        if not (torch.isfinite(new_weight).all() and (new_bias is None or torch.isfinite(new_bias).all())):
-            raise ValueError("merging IA3Conv gives non-finite weights; the adapter is left unmerged")
-        weight.copy_(new_weight)
-        if new_bias is not None:
-            bias.copy_(new_bias)
-        self.merged = True
-        merged_stack(self).append(self)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Divide ``l`` back out (exact up to float rounding); refuses when ``l`` holds a zero."""
         if not self.merged:
             return
-        if not bool((self.ia3_l != 0).all()):
-            raise ValueError(
-                "cannot unmerge IA3Conv: its scaling vector holds zeros; reload the base weights instead"
-            )
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        weight.div_(self._weight_scale().to(weight.dtype))
-        if bias is not None and not self.is_feedforward:
-            bias.div_(self.ia3_l.view(-1).to(bias.dtype))
-        self.merged = False
-        stack = merged_stack(self)
-        if self in stack:
-            stack.remove(self)
+        _unfold_scale(
+            self, weight, self._weight_scale().to(weight.dtype), None if self.is_feedforward else bias
+        )
+
+
+def _fold_scale(
+    layer: nn.Module, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """Multiply ``weight`` by ``scale`` (and ``bias``, if given, by ``l``) in place, refusing a result
+    that is not finite; record the merge in the order :meth:`PEFTStrategy.unmerge` reverses."""
+    new_weight = weight * scale
+    new_bias = bias * layer.ia3_l.view(-1).to(bias.dtype) if bias is not None else None
+    if not (torch.isfinite(new_weight).all() and (new_bias is None or torch.isfinite(new_bias).all())):
+        raise ValueError(
+            f"merging {type(layer).__name__} gives non-finite weights; the adapter is left unmerged"
+        )
+    weight.copy_(new_weight)
+    if new_bias is not None:
+        bias.copy_(new_bias)
+    layer.merged = True
+    merged_stack(layer).append(layer)
+
+
+def _unfold_scale(
+    layer: nn.Module, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """Divide what :func:`_fold_scale` multiplied back out (exact up to float rounding)."""
+    if not bool((layer.ia3_l != 0).all()):
+        raise ValueError(
+            f"cannot unmerge {type(layer).__name__}: its scaling vector holds zeros, so the merged weight lost "
+            "those rows or columns; reload the base weights instead"
+        )
+    weight.div_(scale)
+    if bias is not None:
+        bias.div_(layer.ia3_l.view(-1).to(bias.dtype))
+    layer.merged = False
+    stack = merged_stack(layer)
+    if layer in stack:
+        stack.remove(layer)
 
 
 read_through(
