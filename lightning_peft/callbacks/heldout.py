@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_peft.callbacks.peft import missing_module_error, resolve_module
+from lightning_peft.callbacks.module_path import missing_module_error, resolve_module
 from lightning_peft.generation.generate import write_jsonl
 from lightning_peft.generation.settings import GenerationSettings
 from lightning_peft.generation.templates import PromptTemplate
