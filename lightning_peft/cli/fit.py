@@ -32,7 +32,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lightning_peft.cli.compose import FinalCheckpoint, build_callbacks, instantiate, trainer_strategy
 from lightning_peft.formats.files import json_text, write_text
@@ -239,11 +239,6 @@ def _print_each_log_line_once() -> None:
             if type(handler) is logging.StreamHandler:  # Lightning's own console handler, not a file
                 logger.removeHandler(handler)
         logger.propagate = True
-
-
-def config_yaml(cfg: DictConfig) -> str:
-    """The resolved config as YAML (for logs and tests)."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
 
 
 if __name__ == "__main__":
