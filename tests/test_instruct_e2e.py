@@ -10,7 +10,7 @@ from pathlib import Path
 from test_fit import fit
 
 from lightning_peft.cli.main import main
-from lightning_peft.data.datamodules import toy_instructions
+from lightning_peft.data.records import toy_instructions
 from lightning_peft.generation.templates import ALPACA
 
 

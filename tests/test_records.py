@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from lightning_peft.data.datamodules import SHIPPED_INSTRUCTIONS, InstructionData, read_jsonl
+from lightning_peft.data.datamodules import InstructionData
+from lightning_peft.data.records import SHIPPED_INSTRUCTIONS, read_jsonl
 
 datasets = pytest.importorskip("datasets")
 

@@ -14,13 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lightning_peft.data.datamodules import (
-    SHIPPED_INSTRUCTIONS,
-    TOY_WORDS,
-    InstructionData,
-    read_jsonl,
-    toy_instructions,
-)
+from lightning_peft.data.datamodules import InstructionData
+from lightning_peft.data.records import SHIPPED_INSTRUCTIONS, TOY_WORDS, read_jsonl, toy_instructions
 from lightning_peft.data.tokenizer import char_tokenizer
 from lightning_peft.generation.templates import (
     ALPACA,

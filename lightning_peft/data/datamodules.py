@@ -20,11 +20,8 @@ from torch.utils.data import DataLoader
 
 from lightning_peft.data.augment import TokenAugmentation
 from lightning_peft.data.loaders import ResumableDataLoader, SeededSampler
-from lightning_peft.data.records import (  # noqa: F401  (importable from here, where they used to live)
+from lightning_peft.data.records import (
     DATA_EXTRA,
-    SHIPPED_INSTRUCTIONS,
-    TOY_TASKS,
-    TOY_WORDS,
     data_files_problems,
     dataset_splits,
     load_data_files,
