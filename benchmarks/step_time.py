@@ -9,7 +9,8 @@ is our LoRA made to go on to the inputs, the like-for-like comparison with the l
 Each method is timed on a Llama-shaped model built from a config (random weights, nothing
 downloaded). All variants are built in one process and stepped in turn (interleaved), so a busy
 machine slows them alike; the table gives the median over the rounds after a warm-up, and the JSON
-keeps every sample.
+keeps every sample. ``--steps-per-round k`` times k consecutive steps of a method per round (the
+round's time is their mean): a 70 ms step jitters by several percent on its own.
 
 Columns:
   - ``x limit`` / ``x peft``: step time over the limit's and over peft's same configuration: the
@@ -223,12 +224,13 @@ def run(args: argparse.Namespace) -> tuple[list[Variant], dict[str, object], tor
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            step(variant, ids)
+            for _ in range(args.steps_per_round):
+                step(variant, ids)
             if cuda:
                 torch.cuda.synchronize()
                 variant.peak_bytes = max(variant.peak_bytes, torch.cuda.max_memory_allocated())
             if round_index >= args.warmup:
-                variant.times.append(time.perf_counter() - start)
+                variant.times.append((time.perf_counter() - start) / args.steps_per_round)
         print(f"round {round_index + 1}/{args.warmup + args.rounds} done", flush=True)
     machine = {
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
@@ -357,6 +359,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--steps-per-round",
+        type=int,
+        default=1,
+        help="consecutive steps of each method per round, timed together (their mean is the round's time): "
+        "steps of tens of milliseconds need several to rise above the timer's and the scheduler's noise",
+    )
     parser.add_argument("--methods", default=",".join(n for n in methods(argparse.Namespace(dtype=None))))
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -390,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\nLlama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
         f"vocab {args.vocab}, batch {args.batch}x{args.seq}, {args.dtype}, {args.threads} threads, "
         f"{args.device}; LoRA r=16 alpha=32 all-linear (dropout variants p={args.dropout}), AdamW; median of {args.rounds} interleaved "
-        f"rounds after {args.warmup} warm-up\n{machine}\n"
+        f"rounds ({args.steps_per_round} step(s) each) after {args.warmup} warm-up\n{machine}\n"
     )
     print(markdown(table))
     floor = lora_flop_floor(variants, ids)

@@ -136,6 +136,30 @@ class _Planning(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def profiled_peak_bytes(step: Callable[[], Any]) -> int:
+    """The most tensor memory held at once while ``step()`` runs, on top of what was held before it.
+
+    Read from torch's profiler (``profile_memory=True``): every allocation and free of every operator,
+    in time order, summed. Works on the CPU, where no allocator keeps a peak counter (on CUDA,
+    ``torch.cuda.max_memory_allocated`` gives the same). Tensors created before ``step`` are not
+    counted: add the weights and optimizer states held already.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    changes = sorted(
+        (event.time_range.start, event.self_cpu_memory_usage)
+        for event in prof.events()
+        if event.self_cpu_memory_usage
+    )
+    running = peak = 0
+    for _, change in changes:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
 def quantized_bytes(out_features: int, in_features: int, quant_type: str, double_quant: bool) -> int:
     """Bytes bitsandbytes stores for one quantized ``(out, in)`` weight, statistics included."""
     n = out_features * in_features

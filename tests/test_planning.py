@@ -10,7 +10,7 @@ import transformers
 from torch import nn
 
 from lightning_peft import LoRA, QLoRA, load_base_weights, plan, reset_adapters
-from lightning_peft.planning import MemoryPlan, measure_step, model_config, quantized_bytes
+from lightning_peft.planning import MemoryPlan, measure_step, model_config, profiled_peak_bytes, quantized_bytes
 from lightning_peft.strategies.lora import LoRALinear
 
 SMALL = dict(
@@ -206,3 +206,19 @@ def test_plan_command_refuses_an_unknown_method(tmp_path, capsys):
 
     assert main(["plan", str(tmp_path), "--method", "lora,prefix"]) == 2
     assert "choose from full, lora, qlora" in capsys.readouterr().err
+
+
+def test_profiled_peak_bytes_is_the_most_held_at_once_by_a_step() -> None:
+    """Three buffers of 4, 8 and 2 MiB: the first is freed before the third exists, so the peak is 12 MiB
+    (the first two), whatever existed before; what the step returns stays counted only while held."""
+    before = torch.ones(2**20)  # held before the step: not counted
+
+    def step() -> None:
+        a = torch.ones(2**20)  # 4 MiB
+        b = torch.ones(2**21)  # 8 MiB: 12 held
+        del a
+        c = torch.ones(2**19)  # 2 MiB: 10 held
+        del b, c
+
+    assert profiled_peak_bytes(step) == 12 * 2**20
+    assert before.sum() == 2**20

@@ -16,6 +16,7 @@ import torch
 
 from lightning_peft import LoRA, export_adapter, export_merged, load_adapter, plan
 from lightning_peft.models.pretrained import SMOLLM2_INSTALL, smollm2
+from lightning_peft.planning import profiled_peak_bytes
 
 pytestmark = [
     pytest.mark.slow,
@@ -160,25 +161,6 @@ def test_generate_command_with_base_and_adapter_answers_as_the_adapted_model(fol
     assert record["completion"] == expected and record["num_tokens"] >= 1
 
 
-def _profiled_peak_bytes(step) -> int:
-    """The largest amount of tensor memory allocated on top of what existed before ``step`` ran, read from
-    torch's profiler: every allocation (an operator's own memory) and every free, in time order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    changes = sorted(
-        (event.time_range.start, event.self_cpu_memory_usage)
-        for event in prof.events()
-        if event.self_cpu_memory_usage
-    )
-    running = peak = 0
-    for _, change in changes:
-        running += change
-        peak = max(peak, running)
-    return peak
-
-
 def test_plan_is_within_15_percent_of_the_measured_peak_of_a_real_training_step(folder):
     """Measured: the weights (every parameter and buffer, counted) plus the profiled peak of one
     LoRA training step (forward, backward, AdamW step, with the optimizer states it creates)."""
@@ -194,7 +176,7 @@ def test_plan_is_within_15_percent_of_the_measured_peak_of_a_real_training_step(
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
 
-    measured = weights + _profiled_peak_bytes(step)
+    measured = weights + profiled_peak_bytes(step)
     planned = plan(folder, "lora", batch_size=batch, seq_len=seq, r=16)
     assert planned.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert planned.total_bytes == pytest.approx(measured, rel=0.15)
