@@ -1,14 +1,15 @@
 """End to end: a training step under Lightning with the PEFT callback against a plain PyTorch loop.
 
 Both train the same LoRA model (a Llama built from a config, random weights) on the same batches with
-the same AdamW. The Lightning side is what ``lightning-peft fit`` runs: ``lightning_peft``'s
+the same AdamW (lr 1e-4, no weight decay, as the task module's). The Lightning side is what ``lightning-peft fit`` runs: ``lightning_peft``'s
 ``CausalLM`` task module, the ``PEFT`` callback, a CSV logger, the learning-rate monitor, the
 progress bar, logging every ``--log-every`` steps. The plain side is ``loss.backward()``,
 ``optimizer.step()``, ``optimizer.zero_grad()``.
 
 Each round runs ``--steps`` steps of one, then of the other (interleaved, so a busy machine slows
-both alike); a step's time is taken from the start of one batch to the start of the next, the first
-step of each round left out (Lightning starts a fit there). The ratio is the median of the per-round
+both alike); a step's time is taken from the start of one batch to the start of the next (the last
+step ends at its batch's end: the end of training is not a step), the first step of each round left
+out (Lightning starts a fit there). The ratio is the median of the per-round
 ratios of the mean step times.
 
     python benchmarks/fit_step.py                       # hidden 512, 2 layers, batch 2x128, 11 rounds
@@ -42,16 +43,23 @@ from lightning_peft.models.tasks import CausalLM  # noqa: E402
 
 
 class StepClock(L.Callback):
-    """Records the time at the start of every training batch, and at the end of the last one."""
+    """Records the time at the start of every training batch, and at the end of the last one (not at the
+    end of training: the epoch's end, the logger's flush and the bar's teardown are not a step's cost)."""
 
     def __init__(self) -> None:
         self.marks: list[float] = []
+        self.last_end = 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
         self.marks.append(time.perf_counter())
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.marks.append(time.perf_counter())
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        self.last_end = time.perf_counter()
+
+    def step_times(self) -> list[float]:
+        """The step times after the first (Lightning starts the fit there)."""
+        marks = [*self.marks, self.last_end]
+        return [b - a for a, b in zip(marks[1:-1], marks[2:], strict=True)]
 
 
 def build(args: argparse.Namespace) -> CausalLM:
@@ -93,7 +101,7 @@ def lightning_steps(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, train_dataloaders=loader)
-    return [b - a for a, b in zip(clock.marks[1:-1], clock.marks[2:], strict=True)]
+    return clock.step_times()
 
 
 def plain_steps(
@@ -117,7 +125,9 @@ def run(args: argparse.Namespace) -> dict:
     plain = copy.deepcopy(module.model)
     LoRA(r=16, lora_alpha=32, target_modules="all-linear").apply(plain)
     plain.train()
-    optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-4)
+    # the task module's optimizer: AdamW, lr 1e-4, no weight decay
+    trainable = [p for p in plain.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     batches = [
         torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator) for _ in range(args.steps)
