@@ -15,10 +15,10 @@ import torch
 from conftest import tiny_llama
 from peft.tuners.lora import layer as peft_lora_layer
 from peft.utils import loftq_utils
-from test_lora_fields import _fit, outputs, perturb
+from test_lora_fields import _fit, _Holder, outputs, perturb
 from torch import nn
 
-from lightning_peft import LoRA, QLoRA, export_adapter, load_adapter
+from lightning_peft import PEFT, LoRA, QLoRA, export_adapter, load_adapter
 from lightning_peft.strategies.quantized import dense_weight, quantized_kind
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -184,6 +184,30 @@ def test_export_loads_in_peft_on_the_loftq_base_without_running_loftq_again(kind
     theirs = peft.PeftModel.from_pretrained(loftq_base(ours), str(tmp_path / "adapter"))
     torch.testing.assert_close(outputs(ours), outputs(theirs), atol=1e-5, rtol=0)
     assert not torch.allclose(outputs(ours), outputs(loftq_base(ours)), atol=1e-3)
+
+
+def test_export_from_a_callback_checkpoint_loads_in_peft_on_the_loftq_base(tmp_path):
+    lit = _Holder(tiny_llama())
+    callback = PEFT(
+        LoRA(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="loftq"), module="model"
+    )
+    callback.adapt(lit)
+    perturb(lit)
+    checkpoint = {"state_dict": lit.state_dict()}
+    callback.prune_checkpoint(lit, checkpoint)  # adapter tensors only: the LoftQ base is not in it
+    torch.save(checkpoint, tmp_path / "adapter.ckpt")
+    export_adapter(tmp_path / "adapter.ckpt", tmp_path / "adapter", format="peft")
+    theirs = peft.PeftModel.from_pretrained(loftq_base(lit.model), str(tmp_path / "adapter"))
+    torch.testing.assert_close(outputs(lit.model), outputs(theirs), atol=1e-5, rtol=0)
+
+
+def test_the_callback_does_not_run_loftq_again_on_a_model_that_carries_it():
+    strategy = QLoRA(r=4, target_modules=TARGETS, init_lora_weights="loftq")
+    lit = _Holder(strategy.apply(tiny_llama()))
+    before = {name: value.clone() for name, value in lit.state_dict().items()}
+    assert PEFT(strategy, module="model", verbose=False).adapt(lit) is False
+    for name, value in lit.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 def test_adapter_saved_by_peft_loads_here_on_the_loftq_base(peft_on_cpu, tmp_path):
