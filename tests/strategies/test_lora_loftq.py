@@ -276,3 +276,17 @@ def test_loftq_refuses_layers_other_than_dense_linear_naming_them():
         ValueError, match="'model.embed_tokens' is a Embedding; init_lora_weights='loftq' quantizes loaded"
     ):
         LoRA(target_modules=["embed_tokens"], init_lora_weights="loftq").apply(tiny_llama())
+
+
+def test_qlora_targets_outside_quantize_modules_get_the_dense_loftq_base():
+    strategy = QLoRA(
+        r=4, target_modules=["q_proj", "v_proj"], quantize_modules=["q_proj"], init_lora_weights="loftq"
+    )
+    model = strategy.apply(tiny_llama())
+    dense = LoRA(r=4, target_modules=["v_proj"], init_lora_weights="loftq").apply(tiny_llama())
+    layer, reference = model.model.layers[0].self_attn, dense.model.layers[0].self_attn
+    assert quantized_kind(layer.q_proj.base_layer) == "4-bit" and type(layer.v_proj.base_layer) is nn.Linear
+    torch.testing.assert_close(
+        layer.v_proj.base_layer.weight, reference.v_proj.base_layer.weight, atol=0, rtol=0
+    )
+    torch.testing.assert_close(layer.v_proj.lora_A, reference.v_proj.lora_A, atol=0, rtol=0)
