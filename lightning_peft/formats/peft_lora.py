@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning_peft.strategies.lora import LoRA
 from lightning_peft.strategies.lora_init import WEIGHT_INITS
+from lightning_peft.strategies.lora_loftq import LOFTQ
 
 # peft settings we cannot build, with the reason the README gives; each is refused naming its field
 UNSUPPORTED_LORA_FIELDS = {
@@ -35,8 +36,8 @@ def unsupported_settings(config: dict[str, Any]) -> list[str]:
             f"init_lora_weights={init!r} (its randomised SVD cannot be repeated: save it from peft with "
             "path_initial_model_for_weight_conversion, which writes a plain LoRA)"
         )
-    elif init not in (True, False, "gaussian", *WEIGHT_INITS):
-        # EVA, CorDA, LoRA-GA, LoftQ & co. need data, gradients or a quantizer to rebuild their start
+    elif init not in (True, False, "gaussian", LOFTQ, *WEIGHT_INITS):
+        # EVA, CorDA, LoRA-GA & co. need data, gradients or other layers to rebuild their start
         found.append(f"init_lora_weights={init!r} (not implemented; see the README)")
     return found
 
@@ -53,7 +54,12 @@ def lora_config(method: LoRA, targets: list[str], fan_in_fan_out: bool) -> dict[
         "fan_in_fan_out": fan_in_fan_out,
     }
     config |= {key: True for key in ("use_rslora", "use_dora", "lora_bias") if getattr(method, key)}
-    if method.init_lora_weights is not True:
+    if method.init_lora_weights == LOFTQ:
+        # A LoftQ adapter is a plain LoRA on the LoftQ base (the dequantized or 4-bit Q_T). With "loftq"
+        # peft would run LoftQ again at load, quantizing that base once more, on CUDA only; peft's own
+        # LoftQ example sets init_lora_weights=True before saving for this reason. loftq_config goes too.
+        config["init_lora_weights"] = True
+    elif method.init_lora_weights is not True:
         config["init_lora_weights"] = method.init_lora_weights
     if method.rank_pattern:
         config["rank_pattern"] = dict(method.rank_pattern)
@@ -67,7 +73,13 @@ def lora_config(method: LoRA, targets: list[str], fan_in_fan_out: bool) -> dict[
 
 
 def lora_from_peft(config: dict[str, Any], saved: list[str] | None, spec: Any) -> LoRA:
-    """The ``LoRA`` an adapter_config.json describes; ``spec`` normalises its module lists."""
+    """The ``LoRA`` an adapter_config.json describes; ``spec`` normalises its module lists.
+
+    ``init_lora_weights="loftq"`` comes in as ``True``: the saved ``A``, ``B`` are a plain LoRA on the
+    base LoftQ made (its dequantized ``Q``), which the model it is loaded onto must hold already; LoftQ
+    is not run again (it would quantize that base a second time).
+    """
+    init = config.get("init_lora_weights", True)
     return LoRA(
         r=config["r"],
         lora_alpha=config.get("lora_alpha", 8),
@@ -80,7 +92,7 @@ def lora_from_peft(config: dict[str, Any], saved: list[str] | None, spec: Any) -
         bias=config.get("bias", "none"),
         use_rslora=bool(config.get("use_rslora", False)),
         use_dora=bool(config.get("use_dora", False)),
-        init_lora_weights=config.get("init_lora_weights", True),
+        init_lora_weights=True if init == LOFTQ else init,
         rank_pattern=config.get("rank_pattern") or None,
         alpha_pattern=config.get("alpha_pattern") or None,
         lora_bias=bool(config.get("lora_bias", False)),

@@ -25,6 +25,7 @@ from lightning_peft.strategies.lora_fields import field_problems, pattern_value,
 from lightning_peft.strategies.lora_init import initialise_from_base, rewrites_base
 from lightning_peft.strategies.lora_layers import InitLoRA
 from lightning_peft.strategies.lora_linear import LoRALinear
+from lightning_peft.strategies.lora_loftq import LOFTQ, initialise_loftq, loftq_problems, require_bitsandbytes
 from lightning_peft.strategies.lora_mha import LoRAMultiheadAttention
 from lightning_peft.strategies.lora_parameters import LoRAParameter, parameter_targets
 from lightning_peft.strategies.modules_to_save import (
@@ -111,7 +112,13 @@ class LoRA(PEFTStrategy):
         init_lora_weights: ``True`` (B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``False``
             (both random: not an identity, for tests), or one that starts from the base weight and
             rewrites it (``nn.Linear`` layers): ``"pissa"``, ``"pissa_niter_<k>"`` or ``"olora"``
-            (see ``lora_init.py``; an export turns such an adapter into a plain LoRA of rank ``2r``).
+            (see ``lora_init.py``; an export turns such an adapter into a plain LoRA of rank ``2r``);
+            or ``"loftq"`` (``nn.Linear`` layers, needs bitsandbytes): the base weight becomes its NF4
+            quantization (dequantized; ``QLoRA`` keeps it 4-bit) and ``A``, ``B`` start from the best
+            rank-``r`` fit of the quantization error (see ``lora_loftq.py``). An export of it is a plain
+            LoRA on that LoftQ base, as peft saves one; load it onto that base.
+        loftq_config: with ``init_lora_weights="loftq"``: ``{"loftq_bits": 4, "loftq_iter": k}`` (peft's
+            ``LoftQConfig``; ``k`` alternating quantize/fit steps, default 1). Only 4 bits (NF4).
         rank_pattern: per-module ranks, ``{pattern: r}``; a module takes the first pattern that
             matches the end of its name as a regex (peft's rule: ``(.*\.)?pattern$``), else ``r``.
         alpha_pattern: per-module ``lora_alpha`` in the same way.
@@ -149,6 +156,7 @@ class LoRA(PEFTStrategy):
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | Literal["gaussian"] = True
+    loftq_config: dict[str, int] | None = None
     share_dropout_mask: bool = False
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
@@ -158,7 +166,7 @@ class LoRA(PEFTStrategy):
 
     def __post_init__(self) -> None:
         plain_lists(self)
-        for name in ("rank_pattern", "alpha_pattern", "trainable_token_indices"):
+        for name in ("rank_pattern", "alpha_pattern", "trainable_token_indices", "loftq_config"):
             setattr(self, name, plain(getattr(self, name)))  # Hydra passes DictConfig/ListConfig
         validation_error(type(self).__name__, self._problems())
 
@@ -177,14 +185,14 @@ class LoRA(PEFTStrategy):
             check_spec(name, getattr(self, name), problems)
         if self.bias not in ("none", "all", "lora_only"):
             problems.append(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian") and not rewrites_base(
+        if self.init_lora_weights not in (True, False, "gaussian", LOFTQ) and not rewrites_base(
             self.init_lora_weights
         ):
             problems.append(
-                "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora', "
-                f"got {self.init_lora_weights!r}"
+                "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<k>', 'olora' or "
+                f"'loftq', got {self.init_lora_weights!r}"
             )
-        problems += field_problems(self)
+        problems += field_problems(self) + loftq_problems(self)
         if not isinstance(self.share_dropout_mask, bool):
             problems.append(f"share_dropout_mask must be True or False, got {self.share_dropout_mask!r}")
         layers = self.layers_to_transform
@@ -271,11 +279,26 @@ class LoRA(PEFTStrategy):
                 f"{name!r} is a {type(module).__name__}; init_lora_weights={self.init_lora_weights!r} "
                 "rewrites loaded (not meta) dense nn.Linear weights, and GPT-2 Conv1D ones for PiSSA"
             )
+        if self.init_lora_weights == LOFTQ and not self._loftq_ready(name, module):
+            problems.append(
+                f"{name!r} is a {type(module).__name__}; init_lora_weights='loftq' quantizes loaded (not meta) "
+                "dense nn.Linear weights"
+            )
         return problems
+
+    def _loftq_ready(self, name: str, module: nn.Module) -> bool:
+        """Whether LoftQ can start the adapter of ``module`` (QLoRA also takes the layers it quantized by it)."""
+        return type(module) is nn.Linear and _rewritable(module, LOFTQ)
+
+    def _start_loftq(self, name: str, layer: nn.Module) -> None:
+        """Run LoftQ for the new LoRA layer ``name`` (QLoRA sets the starts it computed while quantizing)."""
+        initialise_loftq(layer, self.loftq_config)
 
     def inject(self, model: nn.Module) -> None:
         # everything is checked before the model is touched: a bad config leaves it as it was
         targets = self._checked_targets(model)
+        if self.init_lora_weights == LOFTQ:
+            require_bitsandbytes()
         tokens = token_targets(model, self.trainable_token_indices, self.modules_to_save, type(self).__name__)
         chosen = self._checked_parameters(model)
         both = sorted({n for n, _ in targets} & {n for n, _, _ in tokens})
@@ -293,6 +316,8 @@ class LoRA(PEFTStrategy):
                 new.add_lora_bias()
             if rewrites_base(self.init_lora_weights):
                 initialise_from_base(new, self.init_lora_weights)
+            elif self.init_lora_weights == LOFTQ:
+                self._start_loftq(name, new)
             replace_module(model, name, new)
         add_trainable_tokens(model, tokens)
         self._wrap_parameters(model, chosen)
@@ -317,8 +342,8 @@ class LoRA(PEFTStrategy):
     def _lora_layer(self, name: str, module: nn.Module) -> nn.Module:
         """The LoRA layer around ``module``, with that module's rank and alpha."""
         r, alpha = self.layer_settings(name)
-        # a base-rewriting init starts from B = 0 here; initialise_from_base sets A and B afterwards
-        init = True if rewrites_base(self.init_lora_weights) else self.init_lora_weights
+        # an init that starts from the base weight starts from B = 0 here; A and B are set afterwards
+        init = self.init_lora_weights if self.init_lora_weights in (True, False, "gaussian") else True
         common = {"r": r, "lora_alpha": alpha, "use_rslora": self.use_rslora, "init_lora_weights": init}
         # the layer's kind is that of the original layer, also below other named adapters
         layer = inner_layer(module)

@@ -18,9 +18,8 @@ Quantization runs on the weights' device, the CPU included (bitsandbytes >= 0.45
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -28,8 +27,9 @@ from torch import nn
 from lightning_peft.strategies.base import PEFTLayer
 from lightning_peft.strategies.lora import LoRA
 from lightning_peft.strategies.lora_init import rewrites_base
+from lightning_peft.strategies.lora_loftq import LOFTQ, loftq, loftq_steps, set_loftq_pair
 from lightning_peft.strategies.modules_to_save import select_modules_to_save
-from lightning_peft.strategies.quantized import quantized_kind
+from lightning_peft.strategies.quantized import import_bitsandbytes, quantized_kind
 from lightning_peft.strategies.targeting import (
     ALL_LINEAR,
     candidate_modules,
@@ -50,63 +50,19 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 LLM_INT8_THRESHOLD = 6.0
 
 
-class _HubKernelNotice(logging.Filter):
-    """Keeps back bitsandbytes' warning that its optional CPU kernel could not be fetched from the hub.
-
-    bitsandbytes 0.50 tries, when it is imported on a CPU with AVX512-BF16, to download a faster 4-bit
-    matmul from the Hugging Face hub, and logs a long warning (advice to install ``kernels``) when that
-    fails, which it always does offline. Its own CPU code then does the work, correctly.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held_back = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "kernels-community" in record.getMessage():
-            self.held_back = True
-            return False
-        return True
-
-
-def import_bitsandbytes() -> Any:
-    """The ``bitsandbytes`` module, or a ``ValueError`` that says how to get it."""
-    notice = _HubKernelNotice()
-    # bitsandbytes' own warning, and the hub client's (the ``kernels`` package) about the same fetch
-    loggers = [
-        logging.getLogger(name) for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
-    ]
-    for logger in loggers:
-        logger.addFilter(notice)
-    try:
-        import bitsandbytes
-    except Exception as err:  # a broken install raises more than ImportError
-        raise ValueError(
-            f"QLoRA quantizes with bitsandbytes, which cannot be imported ({type(err).__name__}: {err}); "
-            f"install it with `pip install 'bitsandbytes>=0.50'` or use LoRA on the unquantized model"
-        ) from err
-    finally:
-        for logger in loggers:
-            logger.removeFilter(notice)
-    if notice.held_back:
-        logging.getLogger(__name__).info(
-            "bitsandbytes: its optional hub-hosted CPU 4-bit kernel is not available (offline); "
-            "it uses its built-in CPU code"
-        )
-    return bitsandbytes
-
-
 def quantize_linear(
     linear: nn.Linear,
     quant_type: QuantType = "nf4",
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.bfloat16,
+    codes: torch.Tensor | None = None,
 ) -> nn.Module:
     """A frozen bitsandbytes copy of ``linear``, quantized on the device its weight is on.
 
     ``double_quant`` and ``compute_dtype`` apply to 4-bit types; LLM.int8 computes in int8 with
-    16-bit outlier columns and returns the input's dtype. The new layer records the weight's dtype as
-    ``dense_dtype``, the dtype a merge dequantizes it back into.
+    16-bit outlier columns and returns the input's dtype. ``codes``: a 4-bit ``Params4bit`` quantized
+    already (by LoftQ, from a weight other than ``linear``'s own), stored as it is. The new layer
+    records the weight's dtype as ``dense_dtype``, the dtype a merge dequantizes it back into.
     """
     bnb = import_bitsandbytes()
     weight = linear.weight.detach()
@@ -137,10 +93,17 @@ def quantize_linear(
             quant_type=quant_type,
             device="meta",
         )
-        params = bnb.nn.Params4bit(
-            weight, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant, module=layer
-        )
-        layer.weight = params.to(weight.device)  # moving an unquantized Params4bit quantizes it
+        if codes is None:
+            params = bnb.nn.Params4bit(
+                weight,
+                requires_grad=False,
+                quant_type=quant_type,
+                compress_statistics=double_quant,
+                module=layer,
+            )
+            codes = params.to(weight.device)  # moving an unquantized Params4bit quantizes it
+        codes.module = layer
+        layer.weight = codes
         # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place at the first eval forward:
         # the double-quantized statistics turn to bfloat16 (lossy to undo) and layers whose out_features
         # is not a multiple of 32 fail. Keep the standard layout, the one CUDA and checkpoints use.
@@ -191,6 +154,11 @@ class QLoRA(LoRA):
             Only ``nn.Linear`` layers can be quantized (not GPT-2's ``Conv1D``); layers bitsandbytes has
             quantized already are left as they are.
 
+    With ``init_lora_weights="loftq"`` (``quant_type="nf4"``), each targeted layer is quantized by LoftQ
+    (see ``lora_loftq.py``): the stored 4-bit weight is the ``Q`` of LoftQ's last step, with this
+    strategy's ``double_quant``; ``double_quant=False`` gives peft's LoftQ exactly (float32 absmax).
+    Targets that are not quantized (outside ``quantize_modules``) get LoRA's dense LoftQ.
+
     The adapters train in float32. Merging dequantizes each base layer into a dense ``nn.Linear`` in the
     dtype it had before quantization, with a warning (see ``LoRALinear.merge``).
 
@@ -222,19 +190,41 @@ class QLoRA(LoRA):
                 f"init_lora_weights={self.init_lora_weights!r} rewrites dense base weights; QLoRA quantizes them "
                 "(start from LoRA with it, or use init_lora_weights=True)"
             )
+        if self.init_lora_weights == LOFTQ and self.quant_type != "nf4":
+            problems.append(f"init_lora_weights='loftq' quantizes to nf4; got quant_type={self.quant_type!r}")
         return problems
 
     def inject(self, model: nn.Module) -> None:
         import_bitsandbytes()
         # both selections are checked before the model changes: a bad config leaves it as it was
-        self._checked_targets(model)
+        targets = {name for name, _ in self._checked_targets(model)}
         layers = self._layers_to_quantize(model)
         compute_dtype = getattr(torch, self.compute_dtype)
-        for name, linear in layers:
-            if quantized_kind(linear) is None:
-                new = quantize_linear(linear, self.quant_type, self.double_quant, compute_dtype)
+        # LoftQ's (L, R) per layer it quantized, until LoRA's layers exist (see _start_loftq)
+        self._loftq_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        try:
+            for name, linear in layers:
+                if quantized_kind(linear) is not None:
+                    continue
+                codes = None
+                if self.init_lora_weights == LOFTQ and name in targets:
+                    r = self.layer_settings(name)[0]
+                    codes, *pair = loftq(linear.weight, r, loftq_steps(self.loftq_config), self.double_quant)
+                    self._loftq_pairs[name] = tuple(pair)
+                new = quantize_linear(linear, self.quant_type, self.double_quant, compute_dtype, codes)
                 replace_module(model, name, new)
-        super().inject(model)
+            super().inject(model)
+        finally:
+            del self._loftq_pairs
+
+    def _loftq_ready(self, name: str, module: nn.Module) -> bool:
+        return name in getattr(self, "_loftq_pairs", {}) or super()._loftq_ready(name, module)
+
+    def _start_loftq(self, name: str, layer: nn.Module) -> None:
+        if name in self._loftq_pairs:
+            set_loftq_pair(layer, *self._loftq_pairs[name])
+        else:  # a target outside quantize_modules: dense LoftQ, as LoRA
+            super()._start_loftq(name, layer)
 
     def _layers_to_quantize(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         saved = select_modules_to_save(model, self.modules_to_save, "QLoRA")

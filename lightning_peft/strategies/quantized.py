@@ -1,15 +1,67 @@
 """Layers that bitsandbytes quantized: recognising them and reading their weights back as floats.
 
-Used by LoRA (DoRA's norm and merging need a dense weight) and by QLoRA. bitsandbytes is never imported
-here: a quantized weight can only exist if it was loaded already.
+Used by LoRA (DoRA's norm and merging need a dense weight, LoftQ quantizes) and by QLoRA. Only
+:func:`import_bitsandbytes` imports bitsandbytes; the readers below find it loaded, as a quantized weight
+can only exist if it was.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+from typing import Any
 
 import torch
 from torch import nn
+
+
+class _HubKernelNotice(logging.Filter):
+    """Keeps back bitsandbytes' warning that its optional CPU kernel could not be fetched from the hub.
+
+    bitsandbytes 0.50 tries, when it is imported on a CPU with AVX512-BF16, to download a faster 4-bit
+    matmul from the Hugging Face hub, and logs a long warning (advice to install ``kernels``) when that
+    fails, which it always does offline. Its own CPU code then does the work, correctly.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held_back = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" in record.getMessage():
+            self.held_back = True
+            return False
+        return True
+
+
+def import_bitsandbytes(
+    needed_by: str = "QLoRA quantizes", instead: str = "use LoRA on the unquantized model"
+) -> Any:
+    """The ``bitsandbytes`` module, or a ``ValueError`` that says who needs it, how to get it and what
+    to do ``instead``."""
+    notice = _HubKernelNotice()
+    # bitsandbytes' own warning, and the hub client's (the ``kernels`` package) about the same fetch
+    loggers = [
+        logging.getLogger(name) for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+    ]
+    for logger in loggers:
+        logger.addFilter(notice)
+    try:
+        import bitsandbytes
+    except Exception as err:  # a broken install raises more than ImportError
+        raise ValueError(
+            f"{needed_by} with bitsandbytes, which cannot be imported ({type(err).__name__}: {err}); "
+            f"install it with `pip install 'bitsandbytes>=0.50'` or {instead}"
+        ) from err
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notice)
+    if notice.held_back:
+        logging.getLogger(__name__).info(
+            "bitsandbytes: its optional hub-hosted CPU 4-bit kernel is not available (offline); "
+            "it uses its built-in CPU code"
+        )
+    return bitsandbytes
 
 
 def quantized_kind(layer: nn.Module) -> str | None:
