@@ -148,6 +148,8 @@ def methods(args: argparse.Namespace) -> dict[str, tuple[Callable[[nn.Module], n
         "dora": (_ours(lambda: LoRA(r=16, lora_alpha=32, use_dora=True)), "peft-dora"),
         "peft-dora": (_peft(use_dora=True), None),
         "qlora": (_ours(lambda: QLoRA(r=16, lora_alpha=32, compute_dtype=qlora_dtype)), None),
+        # QLoRA's default compute dtype: the 4-bit weights dequantize to bfloat16 and multiply in it
+        "qlora-bf16": (_ours(lambda: QLoRA(r=16, lora_alpha=32, compute_dtype="bfloat16")), None),
         "ia3": (_ours(lambda: IA3()), None),
         "adapter": (_ours(lambda: BottleneckAdapter()), None),
         "prompt": (_ours(lambda: PromptTuning(num_virtual_tokens=20)), None),
