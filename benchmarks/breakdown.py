@@ -109,8 +109,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(table(profiles, known.top))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": {"steps": known.steps, **vars(args) | {"dtype": str(args.dtype)}},
-                       "profiles": profiles}, f, indent=1)
+            json.dump(
+                {
+                    "settings": {"steps": known.steps, **vars(args) | {"dtype": str(args.dtype)}},
+                    "profiles": profiles,
+                },
+                f,
+                indent=1,
+            )
     return profiles
 
 

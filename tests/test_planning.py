@@ -10,7 +10,13 @@ import transformers
 from torch import nn
 
 from lightning_peft import LoRA, QLoRA, load_base_weights, plan, reset_adapters
-from lightning_peft.planning import MemoryPlan, measure_step, model_config, profiled_peak_bytes, quantized_bytes
+from lightning_peft.planning import (
+    MemoryPlan,
+    measure_step,
+    model_config,
+    profiled_peak_bytes,
+    quantized_bytes,
+)
 from lightning_peft.strategies.lora import LoRALinear
 
 SMALL = dict(

@@ -315,6 +315,22 @@ def _fit(root: Path, strategy: LoRA, epochs: int, ckpt: Path | None = None) -> t
     return module, trainer
 
 
+def assert_trains_and_resumes(root: Path, strategy: Callable[[], LoRA]) -> None:
+    """``strategy()`` trains through the PEFT callback (the loss falls in 6 epochs), and a run resumed from
+    epoch 3's checkpoint gives the uninterrupted run's losses and state (every tensor, 1e-5)."""
+    straight, _ = _fit(root / "a", strategy(), epochs=6)
+    assert straight.losses[-1] < straight.losses[0] - 0.05, f"the loss did not drop: {straight.losses}"
+    _, first = _fit(root / "b", strategy(), epochs=3)
+    first.save_checkpoint(root / "half.ckpt")
+    resumed, _ = _fit(root / "c", strategy(), epochs=6, ckpt=root / "half.ckpt")
+    torch.testing.assert_close(
+        torch.tensor(resumed.losses), torch.tensor(straight.losses[6:]), atol=1e-5, rtol=0
+    )
+    ours = resumed.state_dict()
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=0, msg=name)
+
+
 TRAINED = {
     "lora_bias": lambda: LoRA(r=4, target_modules=["q_proj", "down_proj"], lora_bias=True),
     "patterns": lambda: LoRA(
@@ -472,14 +488,7 @@ def test_target_parameters_train_through_the_callback_and_resume_exactly(tmp_pat
     def strategy():
         return LoRA(r=4, target_modules=[], target_parameters=EXPERTS)
 
-    straight, _ = _fit(tmp_path / "a", strategy(), epochs=6)
-    assert straight.losses[-1] < straight.losses[0] - 0.05, f"the loss did not drop: {straight.losses}"
-    _, first = _fit(tmp_path / "b", strategy(), epochs=3)
-    first.save_checkpoint(tmp_path / "half.ckpt")
-    resumed, _ = _fit(tmp_path / "c", strategy(), epochs=6, ckpt=tmp_path / "half.ckpt")
-    torch.testing.assert_close(
-        torch.tensor(resumed.losses), torch.tensor(straight.losses[6:]), atol=1e-5, rtol=0
-    )
+    assert_trains_and_resumes(tmp_path, strategy)
 
 
 def test_target_parameters_merge_and_unmerge_with_outputs_unchanged():

@@ -11,7 +11,7 @@ import peft
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
-from test_lora_fields import _fit, outputs, perturb
+from test_lora_fields import assert_trains_and_resumes, outputs, perturb
 
 from lightning_peft import LoRA, export_adapter, load_adapter
 
@@ -97,17 +97,7 @@ def test_trains_through_the_callback_and_resumes_exactly(init, tmp_path):
     def strategy():
         return LoRA(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=init)
 
-    straight, _ = _fit(tmp_path / "a", strategy(), epochs=6)
-    assert straight.losses[-1] < straight.losses[0] - 0.05, f"the loss did not drop: {straight.losses}"
-    _, first = _fit(tmp_path / "b", strategy(), epochs=3)
-    first.save_checkpoint(tmp_path / "half.ckpt")
-    resumed, _ = _fit(tmp_path / "c", strategy(), epochs=6, ckpt=tmp_path / "half.ckpt")
-    torch.testing.assert_close(
-        torch.tensor(resumed.losses), torch.tensor(straight.losses[6:]), atol=1e-5, rtol=0
-    )
-    ours = resumed.state_dict()
-    for name, value in straight.state_dict().items():
-        torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=0, msg=name)
+    assert_trains_and_resumes(tmp_path, strategy)
 
 
 def test_pissa_on_gpt2_conv1d_matches_peft_both_ways(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_llama
 from peft.tuners.lora import layer as peft_lora_layer
 from peft.utils import loftq_utils
-from test_lora_fields import _fit, _Holder, outputs, perturb
+from test_lora_fields import _Holder, assert_trains_and_resumes, outputs, perturb
 from torch import nn
 
 from lightning_peft import PEFT, LoRA, QLoRA, export_adapter, load_adapter
@@ -225,17 +225,7 @@ def test_trains_through_the_callback_and_resumes_exactly(kind, tmp_path):
         fields = {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "init_lora_weights": "loftq"}
         return LoRA(**fields, loftq_config={"loftq_iter": 2}) if kind == "LoRA" else QLoRA(**fields)
 
-    straight, _ = _fit(tmp_path / "a", strategy(), epochs=6)
-    assert straight.losses[-1] < straight.losses[0] - 0.05, f"the loss did not drop: {straight.losses}"
-    _, first = _fit(tmp_path / "b", strategy(), epochs=3)
-    first.save_checkpoint(tmp_path / "half.ckpt")
-    resumed, _ = _fit(tmp_path / "c", strategy(), epochs=6, ckpt=tmp_path / "half.ckpt")
-    torch.testing.assert_close(
-        torch.tensor(resumed.losses), torch.tensor(straight.losses[6:]), atol=1e-5, rtol=0
-    )
-    ours = resumed.state_dict()
-    for name, value in straight.state_dict().items():  # the 4-bit codes and their statistics too
-        torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=0, msg=name)
+    assert_trains_and_resumes(tmp_path, strategy)
 
 
 def test_loftq_without_bitsandbytes_is_refused_naming_the_setting(monkeypatch):
